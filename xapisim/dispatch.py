@@ -77,9 +77,11 @@ def is_implemented(msg: Message) -> bool:
 def resolve(msg: Message) -> Handler | None:
     if msg.wire_name in HANDLERS:
         return HANDLERS[msg.wire_name]
-    if msg.kind in GENERIC_KINDS - {"constructor", "destructor"}:
+    if msg.kind in READ_KINDS:
         return _generic(msg, msg.kind)
     acc = _accessor_kind(msg)
+    if msg.kind in ("setter", "add", "remove") and acc is not None:
+        return _generic(msg, acc[0], acc[1])
     if msg.kind == "custom" and acc is not None:
         return _generic(msg, acc[0], acc[1])
     return None

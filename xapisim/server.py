@@ -215,6 +215,7 @@ class SimServer:
         self._threads: dict[str, threading.Thread] = {}
         self._contexts: dict[str, ssl.SSLContext | None] = {}
         self._started = False
+        self._sessions: list[Any] = []
         self.model: XapiModel
         self.dispatcher: Dispatcher
         self.backend: GuestBackend
@@ -350,6 +351,12 @@ class SimServer:
         self.credentials_file = str(path)
 
     def stop(self) -> None:
+        for session in self._sessions:  # close the client transports sim.session() handed out
+            try:
+                session("close")()
+            except Exception:
+                pass
+        self._sessions.clear()
         for name in list(self._servers):
             self._stop_listener(name)
         if getattr(self, "model", None) is not None:
@@ -396,6 +403,7 @@ class SimServer:
         import XenAPI
         target = name or self.master_name()
         s = XenAPI.Session(self.url_for(target), transport=self.transport())
+        self._sessions.append(s)
         if login:
             s.xenapi.login_with_password(self.username, self.password, "2.21", originator)
         return s

@@ -1,0 +1,40 @@
+"""Helpers shared by the xapisim tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import XenAPI
+
+from xapisim import SimServer
+
+NODE_TEMPLATE = "CentOS 7 (medstream node)"
+
+
+def join_all(sim: SimServer) -> None:
+    """Join every other host to host-1, each call made on the joiner (as xapi requires)."""
+    master = sim.hosts[0]
+    for h in sim.hosts[1:]:
+        s = sim.session(h.name)
+        s.xenapi.pool.join(master.address, sim.username, sim.password)
+
+
+def failure(fn: Any, *args: Any) -> list[str]:
+    with pytest.raises(XenAPI.Failure) as info:
+        fn(*args)
+    details: list[str] = info.value.details
+    return details
+
+
+def event_from(x: Any, classes: list[str], token: str, timeout: float) -> dict[str, Any]:
+    result: dict[str, Any] = getattr(x.event, "from")(classes, token, timeout)
+    return result
+
+
+def new_vm(x: Any, name: str, template: str = NODE_TEMPLATE) -> str:
+    """The canonical install: clone the template, then provision (which clears is_a_template)."""
+    tmpl = x.VM.get_by_name_label(template)[0]
+    vm: str = x.VM.clone(tmpl, name)
+    x.VM.provision(vm)
+    return vm
