@@ -282,6 +282,7 @@ class Lab:
             self.hosts[name] = host
             self._state["hosts"][name] = {"netns": host.netns, "veth": host.veth, "ip": ip}
             _state.write_state(self.prefix, self._state)
+            self._write_ssh_config()
         try:
             _sys.ip_batch([
                 f"netns add {host.netns}",

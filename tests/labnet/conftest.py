@@ -1,0 +1,18 @@
+"""Fixtures for labnet tests: a lab per test, torn down even when the test fails."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from labnet import Lab
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("lab tests need root")
+    with Lab.create() as the_lab:
+        yield the_lab

@@ -1,0 +1,260 @@
+"""labnet against the real kernel: namespaces, veths, a bridge, sshd per host, htb shaping."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from labnet import NETEM_MISSING, Lab, LabError, list_labs
+from labnet import _sys as lsys
+from labnet.measure import measure
+
+pytestmark = pytest.mark.lab
+
+
+def _leftovers(prefix: str) -> list[str]:
+    out = [f"netns {n}" for n in lsys.netns_list() if n.startswith(prefix)]
+    out += [f"link {n}" for n in lsys.link_names() if n.startswith(prefix)]
+    return out
+
+
+def _ssh(lab: Lab, target: str, *cmd: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ssh", "-F", str(lab.ssh_config), *extra, target, *cmd],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_hosts_answer_ssh_with_the_lab_key_only(lab: Lab, tmp_path: Path) -> None:
+    hosts = lab.add_hosts(["node-01", "node-02", "node-03"])
+    assert len({h.ip for h in hosts}) == 3
+    for h in hosts:
+        assert h.ip.startswith(str(lab.subnet.network_address).rsplit(".", 1)[0] + ".")
+        by_ip = _ssh(lab, h.ip, "hostname")
+        assert by_ip.returncode == 0, by_ip.stderr
+        assert by_ip.stdout.strip() == h.name
+        by_name = _ssh(lab, h.name, "id -un; cat /etc/hostname")
+        assert by_name.stdout.split() == ["root", h.name], by_name.stderr
+    # another key is refused (key-only login), and a wrong host key is refused (strict checking)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    cfg = tmp_path / "cfg"
+    cfg.write_text(lab.ssh_config.read_text().replace(str(lab.private_key), str(tmp_path / "k")))
+    stranger = subprocess.run(["ssh", "-F", str(cfg), "-o", "ControlPath=none", hosts[0].ip, "true"],
+                              capture_output=True, text=True, timeout=30)
+    assert stranger.returncode != 0
+    assert "Permission denied" in stranger.stderr
+    (tmp_path / "kh").write_text("10.213.*.* ssh-ed25519 " + "AAAAC3NzaC1lZDI1NTE5AAAAI" + "A" * 43 + "\n")
+    cfg2 = tmp_path / "cfg2"
+    cfg2.write_text(lab.ssh_config.read_text().replace(str(lab.known_hosts), str(tmp_path / "kh")))
+    spoof = subprocess.run(["ssh", "-F", str(cfg2), "-o", "ControlPath=none", hosts[0].ip, "true"],
+                           capture_output=True, text=True, timeout=30)
+    assert spoof.returncode != 0
+
+
+def test_each_host_has_its_own_filesystem_view(lab: Lab) -> None:
+    a, b = lab.add_hosts(["node-a", "node-b"])
+    a.run(["sh", "-c", "mkdir -p /srv/data && echo from-a > /srv/data/f && echo x > /etc/labtest"])
+    assert a.run(["cat", "/srv/data/f"]).stdout == "from-a\n"
+    assert b.run(["test", "-e", "/srv/data/f"], check=False).returncode != 0
+    assert b.run(["test", "-e", "/etc/labtest"], check=False).returncode != 0
+    assert not Path("/srv/data/f").exists() or Path("/srv/data/f").read_text() != "from-a\n"
+    assert not Path("/etc/labtest").exists()
+    assert (a.upper("srv") / "data" / "f").read_text() == "from-a\n"
+    # own hostname, own /run, a plain root .bashrc, and the same over ssh
+    assert b.run(["hostname"]).stdout.strip() == "node-b"
+    assert "pyenv" not in a.run(["cat", "/root/.bashrc"]).stdout
+    over_ssh = _ssh(lab, b.ip, "cat /srv/data/f 2>/dev/null || echo absent; hostname")
+    assert over_ssh.stdout.split() == ["absent", "node-b"], over_ssh.stderr
+
+
+def test_teardown_leaves_nothing() -> None:
+    with Lab.create() as lab:
+        hosts = lab.add_hosts(["n1", "n2", "n3"])
+        _ssh(lab, hosts[0].ip, "sleep 300 </dev/null >/dev/null 2>&1 &")  # a stray session daemon
+        lab.shape(hosts[0], "tanet", "shared")
+        pids = [p for h in hosts for p in lsys.netns_pids(h.netns)]
+        prefix, labdir = lab.prefix, lab.dir
+        assert pids and _leftovers(prefix)
+    assert _leftovers(prefix) == []
+    assert not labdir.exists()
+    assert all(not Path(f"/proc/{p}").exists() or _zombie(p) for p in pids)
+    assert prefix not in {x["prefix"] for x in list_labs()}
+    lab.close()  # idempotent
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_teardown_runs_when_the_body_fails() -> None:
+    prefix = ""
+    with pytest.raises(RuntimeError), Lab.create() as lab:
+        prefix = lab.prefix
+        lab.add_host("n1")
+        raise RuntimeError("boom")
+    assert prefix and _leftovers(prefix) == []
+
+
+def test_parallel_labs_get_distinct_prefixes_and_subnets() -> None:
+    labs: list[Lab] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def make() -> None:
+        try:
+            lb = Lab.open()
+            lb.add_host("h")
+            with lock:
+                labs.append(lb)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(3)]
+    # and one more lab in another process at the same time
+    other = subprocess.Popen([sys.executable, "-m", "labnet", "up", "1", "--hold", "3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        out, err = other.communicate(timeout=60)
+        assert other.returncode == 0, err
+        other_subnet = out.split("subnet ", 1)[1].split(",", 1)[0]
+        assert len({lb.prefix for lb in labs}) == 3
+        subnets = {str(lb.subnet) for lb in labs} | {other_subnet}
+        assert len(subnets) == 4
+        # a host of one lab cannot reach a host of another (no route between labs)
+        a, b = labs[0].hosts["h"], labs[1].hosts["h"]
+        probe = a.run([sys.executable, "-c",
+                       f"import socket; socket.create_connection(('{b.ip}', 22), timeout=2)"],
+                      check=False)
+        assert probe.returncode != 0
+        assert "unreachable" in probe.stderr.lower()
+    finally:
+        for lb in labs:
+            lb.close()
+        if other.poll() is None:
+            other.kill()
+            other.wait(timeout=10)
+
+
+def test_remove_host_keeps_the_disk_when_asked(lab: Lab) -> None:
+    h = lab.add_host("vm")
+    ip = h.ip
+    h.run(["sh", "-c", "echo kept > /srv/state"])
+    lab.remove_host("vm", keep_disk=True)
+    assert not any(n == h.netns for n in lsys.netns_list())
+    with pytest.raises(OSError):
+        socket.create_connection((ip, 22), timeout=1)
+    h2 = lab.add_host("vm")
+    assert h2.ip == ip
+    assert h2.run(["cat", "/srv/state"]).stdout == "kept\n"
+    lab.remove_host("vm")
+    assert not (lab.dir / "hosts" / "vm").exists()
+    lab.remove_host("vm")  # idempotent
+    with pytest.raises(LabError, match="bad host name"):
+        lab.add_host("no/slash")
+
+
+def test_netem_absence_is_reported(lab: Lab) -> None:
+    # an independent probe on a device of this lab
+    cp = lsys.run([lsys.TC, "qdisc", "add", "dev", lab.bridge, "root", "netem", "delay", "1ms"],
+                  check=False)
+    if cp.returncode == 0:
+        lsys.run([lsys.TC, "qdisc", "del", "dev", lab.bridge, "root"], check=False)
+    assert lab.netem_available == (cp.returncode == 0)
+    if not lab.netem_available:
+        assert NETEM_MISSING in lab.describe()
+
+
+def test_shared_shaping_limits_the_access_link_fairly(lab: Lab) -> None:
+    ws, n1, n2, n3 = lab.add_hosts(["ws", "n1", "n2", "n3"])
+    unshaped = measure(ws, [n1], seconds=1.5)
+    assert unshaped.total_mbps > 300  # veths are fast: shaping must be what limits below
+    lab.shape(ws, "tanet", "shared")
+    one = measure(ws, [n1], seconds=3)
+    assert 75 < one.total_mbps <= 101, one.total_mbps       # ~95.7 measured (TCP/IP overhead)
+    three = measure(ws, [n1, n2, n3], seconds=3)
+    assert 75 < three.total_mbps <= 101, three.total_mbps
+    for name, mbps in three.host_mbps().items():             # fair: ~32 each
+        assert 20 < mbps < 45, (name, three.host_mbps())
+    down = measure(n1, [ws], seconds=3)                        # download direction too
+    assert 75 < down.total_mbps <= 101, down.total_mbps
+    lab.shape(ws, "adsl", "shared", direction="up")
+    slow = measure(ws, [n1], seconds=3)
+    assert 1.4 < slow.total_mbps <= 2.05, slow.total_mbps     # ~1.96 measured
+    lab.unshape(ws)
+    assert measure(ws, [n1], seconds=1.5).total_mbps > 300
+
+
+def test_perflow_shaping_caps_each_connection(lab: Lab) -> None:
+    ws, n1, n2 = lab.add_hosts(["ws", "n1", "n2"])
+    shape = lab.shape(ws, "tanet", "perflow")
+    assert shape.flow_cap_bps == 12_500_000
+    one = measure(ws, [n1], seconds=3, flows=1)
+    assert 9 < one.total_mbps <= 12.6, one.total_mbps          # ~12.0 measured
+    four = measure(ws, [n1], seconds=3, flows=4)
+    assert all(f <= 12.6 for f in four.flow_mbps()), four.flow_mbps()
+    assert 36 < four.total_mbps <= 50.5, four.total_mbps        # ~48 measured: grows with flows
+    many = measure(ws, [n1, n2], seconds=3, flows=8)             # 16 flows: the link bounds it
+    assert 70 < many.total_mbps <= 101, many.total_mbps
+
+
+def test_cleanup_after_a_crashed_owner() -> None:
+    code = ("import os, sys\nfrom labnet import Lab\nlab = Lab.open()\n"
+            "lab.add_hosts(['c1', 'c2'])\nprint(lab.prefix, flush=True)\nos._exit(3)\n")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 3, cp.stderr
+    prefix = cp.stdout.strip()
+    try:
+        assert len(_leftovers(prefix)) >= 5  # 2 netns, 2 veths, a bridge: a real leftover
+        pids = [p for ns in lsys.netns_list() if ns.startswith(prefix) for p in lsys.netns_pids(ns)]
+        assert pids  # the two sshd survive their owner
+        listed = subprocess.run([sys.executable, "-m", "labnet", "list"], capture_output=True,
+                                text=True, timeout=30)
+        assert f"{prefix}" in listed.stdout and "DEAD" in listed.stdout
+        cleaned = subprocess.run([sys.executable, "-m", "labnet", "cleanup"], capture_output=True,
+                                 text=True, timeout=60)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert f"netns {prefix}-c1" in cleaned.stdout
+        assert _leftovers(prefix) == []
+        assert all(not Path(f"/proc/{p}").exists() or _zombie(p) for p in pids)
+    finally:
+        from labnet import teardown
+        if _leftovers(prefix):
+            teardown(prefix, None)
+
+
+def test_cli_up_prints_the_lab_and_tears_down() -> None:
+    cp = subprocess.run([sys.executable, "-m", "labnet", "up", "2", "--workstation", "ws",
+                         "--shape", "adsl", "--regime", "perflow", "--hold", "0"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert "node-01" in cp.stdout and "perflow" in cp.stdout
+    prefix = cp.stdout.split()[1].rstrip(":")
+    assert _leftovers(prefix) == []
+    bad = subprocess.run([sys.executable, "-m", "labnet", "up", "1", "--shape", "adsl",
+                          "--hold", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "needs --workstation" in bad.stderr
+
+
+@pytest.mark.slow
+def test_thirty_hosts_up_and_down() -> None:
+    with Lab.create() as lab:
+        hosts = lab.add_hosts([f"node-{i:02d}" for i in range(1, 31)])
+        prefix = lab.prefix
+        names = subprocess.run(
+            ["sh", "-c", " & ".join(f"ssh -F {lab.ssh_config} {h.ip} hostname" for h in hosts)
+             + " & wait"], capture_output=True, text=True, timeout=120)
+        assert sorted(names.stdout.split()) == sorted(h.name for h in hosts), names.stderr
+    assert _leftovers(prefix) == []
+
