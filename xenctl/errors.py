@@ -220,7 +220,7 @@ def map_xapi_errors(what: str = "") -> Iterator[None]:
             hint="check the URL: XenAPI is served on https://HOST/") from exc
     except ssl.SSLCertVerificationError as exc:
         raise TLSError(
-            f"TLS certificate of{where or ' server'} not trusted: {exc.verify_message or exc}",
+            f"TLS certificate of{where or ' server'} not trusted: {getattr(exc, 'verify_message', None) or exc}",
             hint="give the pool's CA (tls.ca_file) or pin its SHA-256 fingerprint (tls.fingerprints); "
                  "--insecure only for throwaway labs") from exc
     except ssl.SSLError as exc:

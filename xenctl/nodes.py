@@ -533,9 +533,13 @@ class _Runner:
         pool_ref = self.view.pool_ref
         key = f"{JOURNAL_PREFIX}{self.spec.cloud}/{step.index}"
         name = step.name
-        with suppress(XapiError):
+        try:
+            x.call("pool.add_to_other_config", pool_ref, key, name)
+        except XapiError as exc:  # a stale entry (recovered already): replace it
+            if exc.code != "MAP_DUPLICATE_KEY":
+                raise
             x.call("pool.remove_from_other_config", pool_ref, key)
-        x.call("pool.add_to_other_config", pool_ref, key, name)
+            x.call("pool.add_to_other_config", pool_ref, key, name)
         vm = ""
         journal = True
         try:

@@ -246,8 +246,8 @@ def _wait_hosts_up(master: Xapi, expected: int, timeout: float, progress: Progre
         progress(f"waiting for {expected} hosts to be live and enabled")
         watcher.wait_for(all_up, timeout, f"{expected} hosts to be live and enabled")
     finally:
-        watcher.stop(lambda: master.call("event.inject", "pool",
-                                         master.call("pool.get_all")[0]))
+        hosts = list(watcher.objects.get("host", {}))
+        watcher.stop((lambda: master.call("event.inject", "host", hosts[0])) if hosts else None)
 
 
 def _check_replicas(spec: PoolSpec, password: Secret, master: Xapi, pool_uuid: str, *,
