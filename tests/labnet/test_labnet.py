@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from labnet import NETEM_MISSING, Lab, LabError, list_labs
-from labnet import _sys as lsys
+from labnet import NETEM_MISSING, Lab, LabError, _sys as lsys, list_labs
 from labnet.measure import measure
 
 pytestmark = pytest.mark.lab
