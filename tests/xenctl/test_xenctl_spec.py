@@ -22,7 +22,7 @@ from xenctl.spec import (
 FP = "AB:" * 31 + "CD"
 FP_HEX = ("ab" * 31) + "cd"
 
-CLOUD = """\
+CLOUD = f"""\
 cloud: medstream
 pool:
   name: hospital
@@ -30,14 +30,14 @@ pool:
   members: [10.213.1.2, "https://10.213.1.3:8443"]
   tls:
     fingerprints:
-      10.213.1.1: "sha256:{fp}"
+      10.213.1.1: "sha256:{FP}"
 nodes:
   count: 5
   template: "CentOS 7 (medstream node)"
   memory: 2GiB
   network: xenbr0
   cidr: 10.213.5.0/24
-""".format(fp=FP)
+"""
 
 
 def write(tmp_path: Path, text: str) -> Path:
