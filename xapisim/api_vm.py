@@ -149,10 +149,12 @@ def new_vdi(db: Database, sr: str, *, name: str, size: int, vtype: str = "system
             physical: int | None = None, **extra: Any) -> str:
     phys = size if physical is None else physical
     sr_allocate(db, sr, phys, size)
-    return db.create("VDI", name_label=name, SR=sr, virtual_size=size, physical_utilisation=phys,
-                     type=vtype, sharable=False, read_only=False, managed=True,
-                     location=new_uuid(), allowed_operations=["clone", "copy", "destroy", "resize",
-                                                               "snapshot"], **extra)
+    values: dict[str, Any] = {
+        "sharable": False, "read_only": False, "managed": True, "location": new_uuid(),
+        "allowed_operations": ["clone", "copy", "destroy", "resize", "snapshot"]}
+    values.update(extra)
+    values.update(name_label=name, SR=sr, virtual_size=size, physical_utilisation=phys, type=vtype)
+    return db.create("VDI", **values)
 
 
 # -- clone / copy / provision ---------------------------------------------------------------------
