@@ -273,13 +273,18 @@ class Xapi:
     def login(self) -> Xapi:
         """Log in, following HOST_IS_SLAVE to the master (at most 3 hops)."""
         for _hop in range(4):
+            if self._transport is not None:
+                self._transport.close()
             self._transport = XapiTransport(self.url, self.tls, self.stats, timeout=self.timeout)
             session = XenAPI.Session(self.url, transport=self._transport)
             try:
                 with map_xapi_errors(self.url):
                     self._with_reset_retry("session.login_with_password",
                                            functools.partial(self._login_on, session))
-            except XapiError as exc:
+            except XenctlError as exc:
+                self._transport.close()
+                if not isinstance(exc, XapiError):
+                    raise
                 if exc.code == "HOST_IS_SLAVE" and exc.params and self.follow and not self.local:
                     master = exc.params[0]
                     log.info("%s is a pool member; its master is %s", self.host, master)
@@ -396,9 +401,26 @@ def connect(pool: PoolSpec, password: Secret, *, url: str | None = None,
     """Log in to ``url`` (default: the pool's master), following HOST_IS_SLAVE."""
     if not password.reveal():
         raise CredentialsError("empty password")
-    xapi = Xapi(url or pool.master, pool.username, password, pool.tls, stats=stats,
-                timeout=timeout, local=local)
-    return xapi.login()
+    candidates = [url] if url else list(pool.all_hosts)
+    first: XapiConnectionError | None = None
+    for candidate in candidates:
+        xapi = Xapi(candidate, pool.username, password, pool.tls, stats=stats, timeout=timeout,
+                    local=local, retry=RetryPolicy(reset_attempts=1) if len(candidates) > 1 else None)
+        try:
+            xapi.login()
+        except XapiConnectionError as exc:
+            # the master may be down or moved: a member answers HOST_IS_SLAVE with the master
+            log.info("%s unreachable (%s); trying the next pool host", candidate, exc)
+            first = first or exc
+            continue
+        xapi.retry = RetryPolicy()
+        return xapi
+    assert first is not None
+    if len(candidates) > 1:
+        raise XapiConnectionError(
+            f"no pool host answered as or pointed to a live master ({first.message})",
+            hint="if the master died, promote a member: xenctl pool failover --emergency") from first
+    raise first
 
 
 @contextmanager

@@ -1,0 +1,155 @@
+"""Pool verbs against xapisim through the real XenAPI SDK over verified HTTPS."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from xenctl_helpers import sim_spec
+
+from xapisim import SimServer
+from xenctl.cli import cli
+from xenctl.errors import PoolError, TLSError, XapiConnectionError
+from xenctl.pool import pool_create, pool_eject, pool_failover, pool_status
+from xenctl.session import CallStats, connect, is_read_only
+from xenctl.spec import Secret
+
+
+def cli_args(sim: SimServer) -> list[str]:
+    return ["--master", f"{sim.hosts[0].address}:{sim.port}", "--ca-file", sim.ca_file]
+
+
+def cli_env(sim: SimServer) -> dict[str, str]:
+    members = ",".join(f"{h.address}:{sim.port}" for h in sim.hosts[1:])
+    return {"XENCTL_PASSWORD": sim.password, "XENCTL_MEMBERS": members}
+
+
+def test_pool_create_forms_pool_of_three_and_rerun_changes_nothing(sim: SimServer) -> None:
+    runner = CliRunner()
+    first = runner.invoke(cli, [*cli_args(sim), "pool", "create", "--name", "radiology"],
+                          env=cli_env(sim))
+    assert first.exit_code == 2, first.output
+    assert "join" in first.output
+    x = sim.session().xenapi
+    pools = x.pool.get_all_records()
+    assert [p["name_label"] for p in pools.values()] == ["radiology"]
+    assert len(x.host.get_all()) == 3
+    # every member answers as a slave now (HOST_IS_SLAVE), the pool's replica is checked inside
+    again = runner.invoke(cli, [*cli_args(sim), "pool", "create", "--name", "radiology"],
+                          env=cli_env(sim))
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" in again.output
+    status = runner.invoke(cli, [*cli_args(sim), "pool", "status", "-o", "json"], env=cli_env(sim))
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.output)
+    assert data["name"] == "radiology" and data["master"] == "host-1"
+    assert sorted((h["name"], h["role"], h["live"]) for h in data["hosts"]) == [
+        ("host-1", "master", True), ("host-2", "member", True), ("host-3", "member", True)]
+    assert all(h["api_version"] == "2.21" and 0 < h["memory_free"] < h["memory_total"]
+               for h in data["hosts"])
+
+
+def test_pool_create_dry_run_makes_no_mutating_call(sim: SimServer) -> None:
+    stats = CallStats()
+    spec = sim_spec(sim)
+    res = pool_create(spec.pool, Secret(sim.password), dry_run=True, stats=stats)
+    assert res.changed and len(res.actions) == 3
+    mutating = [m for m in stats.counts if not is_read_only(m) and m != "session.logout"]
+    assert mutating == []
+    assert len(sim.session().xenapi.host.get_all()) == 1
+
+
+def test_member_login_follows_host_is_slave_to_master(pool3: SimServer) -> None:
+    spec = sim_spec(pool3)
+    x = connect(spec.pool, Secret(pool3.password), url=spec.pool.members[1])
+    try:
+        assert x.redirects == [pool3.hosts[0].address]
+        assert x.url == f"https://{pool3.hosts[0].address}:{pool3.port}/"  # scheme, port kept
+        assert len(x.call("host.get_all")) == 3
+    finally:
+        x.logout()
+
+
+def test_planned_failover_and_eject(pool3: SimServer) -> None:
+    spec = sim_spec(pool3)
+    pw = Secret(pool3.password)
+    res = pool_failover(spec.pool, pw, to="host-3")
+    assert res.changed and res.master == "host-3"
+    x = connect(spec.pool, pw)  # spec still names host-1: followed to host-3
+    try:
+        st = pool_status(x)
+        assert st.master == "host-3"
+        assert pool_failover(spec.pool, pw, to="host-3").changed is False
+        with pytest.raises(PoolError, match="pool master"):
+            pool_eject(x, "host-3")
+        assert pool_eject(x, "host-2", dry_run=True).changed
+        assert len(x.call("host.get_all")) == 3
+        res = pool_eject(x, "host-2")
+        assert res.changed
+        assert sorted(h.name for h in pool_status(x).hosts) == ["host-1", "host-3"]
+        assert pool_eject(x, pool3.hosts[1].address).changed is False  # gone already
+    finally:
+        x.logout()
+
+
+def test_emergency_failover_restores_control(pool3: SimServer) -> None:
+    spec = sim_spec(pool3)
+    pw = Secret(pool3.password)
+    with pytest.raises(PoolError, match="alive"):
+        pool_failover(spec.pool, pw, emergency=True)
+    pool3.kill_host("host-1")
+    with pytest.raises(XapiConnectionError, match="failover --emergency"):
+        connect(spec.pool, pw)
+    runner = CliRunner()
+    out = runner.invoke(cli, [*cli_args(pool3), "pool", "failover", "--emergency", "--yes"],
+                        env=cli_env(pool3))
+    assert out.exit_code == 2, out.output
+    assert "promote" in out.output
+    x = connect(spec.pool, pw)  # host-1 is dead: a member answers and points to the new master
+    try:
+        st = pool_status(x)
+        assert st.master == "host-2"
+        live = {h.name: h.live for h in st.hosts}
+        assert live == {"host-1": False, "host-2": True, "host-3": True}
+        # the pool is usable again: a mutating call goes through
+        pool_ref = x.call("pool.get_all")[0]
+        x.call("pool.set_name_description", pool_ref, "recovered")
+    finally:
+        x.logout()
+
+
+def test_tls_verification(sim: SimServer) -> None:
+    pw = Secret(sim.password)
+    fps = {h.address: sim.fingerprints[h.name] for h in sim.hosts}
+    # no CA and no pin: the simulator's private CA is not trusted by the system store
+    spec = sim_spec(sim, **{"pool.tls.ca_file": None})
+    with pytest.raises(TLSError, match="not trusted"):
+        connect(spec.pool, pw, url=spec.pool.master)
+    # the right pin per host
+    pins = ",".join(f"{a}={f}" for a, f in fps.items())
+    spec = sim_spec(sim, **{"pool.tls.ca_file": None, "pool.tls.fingerprints": pins})
+    connect(spec.pool, pw, url=spec.pool.master).logout()
+    # host-2's pin used for host-1: refused before the password is sent
+    wrong = f"{sim.hosts[0].address}={fps[sim.hosts[1].address]}"
+    spec = sim_spec(sim, **{"pool.tls.ca_file": None, "pool.tls.fingerprints": wrong})
+    stats = CallStats()
+    with pytest.raises(TLSError, match="not pinned"):
+        connect(spec.pool, pw, url=spec.pool.master, stats=stats)
+
+
+def test_insecure_is_loud(sim: SimServer, capsys: Any) -> None:
+    spec = sim_spec(sim, **{"pool.tls.ca_file": None, "pool.tls.insecure": True})
+    connect(spec.pool, Secret(sim.password), url=spec.pool.master).logout()
+    assert "TLS verification is OFF" in capsys.readouterr().err
+
+
+def test_bad_password_is_one_clear_line(sim: SimServer) -> None:
+    runner = CliRunner()
+    env = {**cli_env(sim), "XENCTL_PASSWORD": "wrong-" + sim.password}
+    out = runner.invoke(cli, [*cli_args(sim), "pool", "status"], env=env)
+    assert out.exit_code == 1
+    lines = [line for line in out.output.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("xenctl: error: authentication failed")
+    assert sim.password not in out.output
