@@ -154,7 +154,7 @@ def host_get_servertime(m: XapiModel, ctx: Ctx, host: str) -> Any:
 
 
 @implements("host.disable")
-def host_disable(m: XapiModel, ctx: Ctx, host: str) -> str:
+def host_disable(m: XapiModel, ctx: Ctx, host: str, auto_enable: bool = True) -> str:
     ctx.db.set("host", host, "enabled", False)
     m.notify()
     return ""

@@ -116,12 +116,6 @@ def coerce(t: str, value: Any, name: str) -> Any:
             if isinstance(value, dt.datetime):
                 return value
             return parse_datetime(str(getattr(value, "value", value)))
-        if t.startswith("enum "):
-            values = load().enums[t[5:]]
-            for v in values:
-                if isinstance(value, str) and v.lower() == value.lower():
-                    return v
-            raise errors.failure("INVALID_VALUE", name, str(value))
         if t.endswith(" set"):
             if not isinstance(value, list | tuple):
                 raise ValueError
@@ -132,6 +126,12 @@ def coerce(t: str, value: Any, name: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return {str(k): coerce(m.group(2), v, name) for k, v in value.items()}
+        if t.startswith("enum "):
+            values = load().enums[t[5:]]
+            for v in values:
+                if isinstance(value, str) and v.lower() == value.lower():
+                    return v
+            raise errors.failure("INVALID_VALUE", name, str(value))
         if t.endswith(" record"):
             if not isinstance(value, dict):
                 raise ValueError

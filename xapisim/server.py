@@ -316,7 +316,7 @@ class SimServer:
     def _start_listener(self, name: str) -> None:
         host = self.host(name)
         server = _Server((host.address, self.port), _Handler, self, name, self._contexts[name])
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                   name=f"xapisim-{name}", daemon=True)
         self._servers[name] = server
         self._threads[name] = thread
