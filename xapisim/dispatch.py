@@ -337,6 +337,12 @@ class Dispatcher:
         if decision is not None:
             if decision.action == "error":
                 assert decision.error is not None
+                if is_async:  # the call returns a task; the task fails
+                    injected = decision.error
+
+                    def fail(m: XapiModel, ctx: Ctx, *args: Any) -> Any:
+                        raise injected
+                    return self._run_async(ctx, method, fail, [])
                 raise decision.error
             if decision.action == "drop":
                 raise DropConnection(name)

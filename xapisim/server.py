@@ -369,8 +369,11 @@ class SimServer:
                 self._backend = None
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        elif self.credentials_file:
-            Path(self.credentials_file).unlink(missing_ok=True)
+        elif self.workdir is not None:  # a caller's directory: remove only what we wrote
+            names = ["credentials.json", "ca.crt"] + [f"{h.name}.{ext}" for h in self.hosts
+                                                      for ext in ("crt", "key")]
+            for name in names:
+                (self.workdir / name).unlink(missing_ok=True)
         self._started = False
 
     def __enter__(self) -> SimServer:
