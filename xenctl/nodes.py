@@ -385,6 +385,7 @@ class ScaleResult:
     calls: int = 0
     call_counts: dict[str, int] = field(default_factory=dict)
     elapsed: float = 0.0
+    watcher: EventWatcher | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -660,30 +661,49 @@ class _Runner:
         self.progress(step.name, "removed")
         return res
 
-    def recover_journal(self) -> None:
-        """Destroy untagged clones named in journal entries, then drop the entries."""
-        if not self.plan.journal:
-            return
-        # an interrupted run's clone may still be in flight: let pending clones finish first
-        def no_pending_clone() -> bool | None:
-            tasks = self.watcher.objects.get("task", {}).values()
-            busy = [t for t in tasks if t.get("name_label") == "Async.VM.clone"
-                    and t.get("status") in ("pending", "cancelling")]
-            return True if not busy else None
-        self.watcher.wait_for(no_pending_clone, self.task_timeout, "pending clones to finish")
-        with self.watcher.cond:
-            vms = dict(self.watcher.objects.get("vm", {}))
-        with self.sessions.borrow() as x:
-            for key, name in sorted(self.plan.journal.items()):
-                for ref, rec in vms.items():
-                    oc = rec.get("other_config") or {}
-                    if (rec.get("name_label") == name and TAG_CLOUD not in oc
-                            and rec.get("is_a_template") and not rec.get("is_default_template")
-                            and ref != self.template_ref):
-                        self.progress(name, "removing clone left by an interrupted run")
-                        self.destroy_vm(x, ref, name, clean=False)
-                with suppress(XapiError):
-                    x.call("pool.remove_from_other_config", self.view.pool_ref, key)
+
+def _recover(x: Xapi, watcher: EventWatcher, view: PoolView, spec: CloudSpec,
+             destroy: Callable[[Xapi, str, str], None], progress: Progress,
+             timeout: float) -> bool:
+    """Let what a killed run left in flight finish, then destroy the untagged clones its journal
+    names and drop the entries. Returns True when something was changed."""
+    fleet_refs = {n.ref for ns in fleet_nodes(view.vms, spec.cloud).values() for n in ns}
+    journal = {k: str(v) for k, v in (view.pool.get("other_config") or {}).items()
+               if k.startswith(f"{JOURNAL_PREFIX}{spec.cloud}/")}
+
+    def quiet() -> bool | None:
+        vms = watcher.objects.get("vm", {})
+        if any(vms.get(r, {}).get("current_operations") for r in fleet_refs):
+            return None
+        if journal and any(t.get("name_label") == "Async.VM.clone"
+                           and t.get("status") in ("pending", "cancelling")
+                           for t in watcher.objects.get("task", {}).values()):
+            return None  # an interrupted run's clone may still be in flight
+        return True
+
+    watcher.wait_for(quiet, timeout, "operations left by an interrupted run to finish")
+    if not journal:
+        return False
+    with watcher.cond:
+        vms = dict(watcher.objects.get("vm", {}))
+    for key, name in sorted(journal.items()):
+        for ref, rec in vms.items():
+            oc = rec.get("other_config") or {}
+            if (rec.get("name_label") == name and TAG_CLOUD not in oc and rec.get("is_a_template")
+                    and not rec.get("is_default_template")
+                    and spec.nodes.template not in (rec.get("name_label"), rec.get("uuid"))):
+                progress(name, "removing a clone left by an interrupted run")
+                destroy(x, ref, name)
+        with suppress(XapiError):
+            x.call("pool.remove_from_other_config", view.pool_ref, key)
+    return True
+
+
+def _needs_recovery(view: PoolView, spec: CloudSpec) -> bool:
+    if any(k.startswith(f"{JOURNAL_PREFIX}{spec.cloud}/") for k in view.pool.get("other_config") or {}):
+        return True
+    return any(n.record.get("current_operations")
+               for ns in fleet_nodes(view.vms, spec.cloud).values() for n in ns)
 
 
 def scale_nodes(xapi: Xapi, spec: CloudSpec, desired: int, *, dry_run: bool = False,
@@ -696,6 +716,56 @@ def scale_nodes(xapi: Xapi, spec: CloudSpec, desired: int, *, dry_run: bool = Fa
     if desired < 0:
         raise SpecError("count must be >= 0")
     view = read_pool(xapi)
+    watcher: EventWatcher | None = None
+    sessions = _SessionPool(xapi, max(1, spec.nodes.concurrency))
+    recovered = False
+
+    def start_watcher() -> EventWatcher:
+        return EventWatcher(xapi.fork(), ["vm", "vm_guest_metrics", "task"],
+                            poll_timeout=10.0).start()
+
+    try:
+        if not dry_run and _needs_recovery(view, spec):
+            watcher = start_watcher()
+            helper = _Runner(xapi, spec, view, ScalePlan(spec.cloud, desired, 0), watcher,
+                             progress, template_ref="", template={}, network_ref="",
+                             task_timeout=task_timeout)
+            helper.sessions = sessions
+            with sessions.borrow() as x:
+                recovered = _recover(
+                    x, watcher, view, spec,
+                    lambda xx, ref, name: helper.destroy_vm(xx, ref, name, clean=False),
+                    progress, task_timeout)
+            view = read_pool(xapi)  # plan on the state after the interrupted run settled
+        result = _plan_and_apply(xapi, spec, desired, view, dry_run=dry_run, progress=progress,
+                                 task_timeout=task_timeout, plan_hook=plan_hook,
+                                 sessions=sessions, watcher=watcher, start_watcher=start_watcher)
+        result.changed = result.changed or recovered
+        watcher = result.watcher or watcher
+    finally:
+        sessions.close()
+        if watcher is not None:
+            w = watcher
+            wake_ref = next(iter(w.objects.get("vm", {})), "")
+
+            def wake() -> None:
+                if wake_ref:
+                    xapi.call("event.inject", "VM", wake_ref)
+            w.stop(wake)
+    result.nodes.sort(key=lambda n: n.index)
+    result.elapsed = time.monotonic() - started
+    result.calls = xapi.stats.total - calls_before
+    after = xapi.stats.snapshot()
+    result.call_counts = {k: after.get(k, 0) - counts_before.get(k, 0) for k in after
+                          if after.get(k, 0) - counts_before.get(k, 0)}
+    return result
+
+
+def _plan_and_apply(xapi: Xapi, spec: CloudSpec, desired: int, view: PoolView, *, dry_run: bool,
+                    progress: Progress, task_timeout: float,
+                    plan_hook: Callable[[ScalePlan], None] | None, sessions: _SessionPool,
+                    watcher: EventWatcher | None,
+                    start_watcher: Callable[[], EventWatcher]) -> ScaleResult:
     fleet = fleet_nodes(view.vms, spec.cloud)
     need_template = desired > 0 and any(
         i not in fleet or not any(n.built for n in fleet[i]) for i in range(1, desired + 1))
@@ -722,63 +792,36 @@ def scale_nodes(xapi: Xapi, spec: CloudSpec, desired: int, *, dry_run: bool = Fa
     if plan_hook is not None:
         plan_hook(plan)
     result = ScaleResult(plan)
-    if dry_run:
-        result.calls = xapi.stats.total - calls_before
-        result.elapsed = time.monotonic() - started
+    if dry_run or not plan.steps:
         return result
-    watcher = EventWatcher(xapi.fork(), ["vm", "vm_guest_metrics", "task"], poll_timeout=10.0)
-    watcher.start()
+    if watcher is None:
+        watcher = start_watcher()
+    result.watcher = watcher
     runner = _Runner(xapi, spec, view, plan, watcher, progress, template_ref=template_ref,
                      template=template, network_ref=network_ref, task_timeout=task_timeout)
+    runner.sessions = sessions
     runner.template_vifs_wrong = template_vifs_wrong
-    try:
-        # wait for operations a killed run left in flight on fleet VMs
-        fleet_refs = {n.ref for ns in fleet.values() for n in ns}
-
-        def quiet() -> bool | None:
-            vms = watcher.objects.get("vm", {})
-            busy = [r for r in fleet_refs if vms.get(r, {}).get("current_operations")]
-            return True if not busy else None
-        watcher.wait_for(quiet, task_timeout, "operations on fleet VMs to finish")
-        runner.recover_journal()
-        if plan.journal:
-            result.changed = True
-        workers = max(1, spec.nodes.concurrency)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xenctl-node") as ex:
-            # removals first: they free memory the placement counted on
-            work: dict[str, Callable[[Step], NodeResult]] = {
-                "cleanup": runner.remove, "remove": runner.remove, "start": runner.start,
-                "create": runner.create, "wait": runner.wait}
-            phases = [[s for s in plan.steps if s.action in ("cleanup", "remove")],
-                      [s for s in plan.steps if s.action in ("start", "create", "wait")]]
-            for phase in phases:
-                futures = {ex.submit(work[s.action], s): s for s in phase}
-                for fut in as_completed(futures):
-                    s = futures[fut]
-                    if s.action != "wait":
-                        result.changed = True
-                    try:
-                        r = fut.result()
-                    except XenctlError as exc:
-                        result.failures.append(NodeResult(s.index, s.name, host=s.host_name,
-                                                          action=s.action, error=str(exc)))
-                        progress(s.name, f"FAILED: {exc}")
-                        continue
-                    if s.action not in ("remove", "cleanup"):
-                        result.nodes.append(r)
-    finally:
-        runner.sessions.close()
-        wake_ref = template_ref or next(iter(view.hosts), "")
-
-        def wake() -> None:
-            if wake_ref:
-                xapi.call("event.inject", "VM" if template_ref else "host", wake_ref)
-        watcher.stop(wake)
-    result.nodes.sort(key=lambda n: n.index)
-    result.elapsed = time.monotonic() - started
-    result.calls = xapi.stats.total - calls_before
-    after = xapi.stats.snapshot()
-    result.call_counts = {k: after.get(k, 0) - counts_before.get(k, 0) for k in after
-                          if after.get(k, 0) - counts_before.get(k, 0)}
+    workers = max(1, spec.nodes.concurrency)
+    work: dict[str, Callable[[Step], NodeResult]] = {
+        "cleanup": runner.remove, "remove": runner.remove, "start": runner.start,
+        "create": runner.create, "wait": runner.wait}
+    # removals first: they free the memory the placement counted on
+    phases = [[s for s in plan.steps if s.action in ("cleanup", "remove")],
+              [s for s in plan.steps if s.action in ("start", "create", "wait")]]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xenctl-node") as ex:
+        for phase in phases:
+            futures = {ex.submit(work[s.action], s): s for s in phase}
+            for fut in as_completed(futures):
+                s = futures[fut]
+                if s.action != "wait":
+                    result.changed = True
+                try:
+                    r = fut.result()
+                except XenctlError as exc:
+                    result.failures.append(NodeResult(s.index, s.name, host=s.host_name,
+                                                      action=s.action, error=str(exc)))
+                    progress(s.name, f"FAILED: {exc}")
+                    continue
+                if s.action not in ("remove", "cleanup"):
+                    result.nodes.append(r)
     return result
-
