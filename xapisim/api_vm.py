@@ -43,6 +43,10 @@ TEMPLATE_OPS = {"changing_dynamic_range", "changing_static_range", "changing_mem
                 "export", "metadata_export", "provision"}
 NON_DEFAULT_TEMPLATE_OPS = {"destroy", "migrate_send"}
 CONCURRENT = [{"clone", "copy", "export", "metadata_export"}, {"snapshot", "checkpoint"}]
+# HVM guests need the guest agent's feature flags for cooperative operations (check_op_for_feature)
+NEEDS_FEATURE = {"clean_shutdown": "feature-shutdown", "clean_reboot": "feature-reboot",
+                 "suspend": "feature-suspend", "checkpoint": "feature-suspend",
+                 "pool_migrate": "feature-suspend"}
 # operations we advertise in allowed_operations (the ones this simulator implements)
 ADVERTISED = ["start", "start_on", "clean_shutdown", "hard_shutdown", "shutdown", "destroy",
               "clone", "copy", "provision", "pool_migrate", "changing_memory_limits",
@@ -75,6 +79,12 @@ def check_operation(db: Database, vm: str, op: str) -> errors.XenAPIError | None
         return errors.failure("VM_IS_SNAPSHOT", vm, op)
     if op == "provision" and not rec["is_a_template"]:
         return errors.failure("PROVISION_ONLY_ALLOWED_ON_TEMPLATE")
+    feature = NEEDS_FEATURE.get(op)
+    if feature and rec["domain_type"] == "hvm" and not rec["is_control_domain"]:
+        gm = rec["guest_metrics"]
+        other = db.get("VM_guest_metrics", gm)["other"] if gm != NULL and db.exists("VM_guest_metrics", gm) else {}
+        if other.get(feature) != "1":
+            return errors.failure("VM_LACKS_FEATURE", vm)
     if rec["is_control_domain"] and op in ("start", "start_on", "clean_shutdown", "hard_shutdown",
                                             "shutdown", "destroy", "clone", "copy", "pool_migrate",
                                             "provision", "make_into_template"):

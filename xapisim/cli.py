@@ -7,6 +7,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -40,7 +41,7 @@ def main() -> None:
 def serve(hosts: int | None, backend: str | None, config_file: str | None, latency: str | None,
           port: int | None, address_prefix: str | None, workdir: str | None, no_tls: bool,
           sync_interval: float | None) -> None:
-    overrides = {"hosts": hosts, "backend": backend, "latency": latency, "port": port,
+    overrides: dict[str, Any] = {"hosts": hosts, "backend": backend, "latency": latency, "port": port,
                  "address_prefix": address_prefix, "workdir": workdir,
                  "sync_interval": sync_interval, "tls": False if no_tls else None}
     try:

@@ -388,11 +388,14 @@ class XapiModel:
             PV_drivers_version={"major": "8", "minor": "3", "micro": "0", "build": "1"},
             PV_drivers_up_to_date=True, PV_drivers_detected=True,
             networks=networks, other={"feature-shutdown": "1", "feature-poweroff": "1",
-                                      "feature-reboot": "1", "has-vendor-device": "0"},
+                                      "feature-reboot": "1", "feature-suspend": "1",
+                                      "feature-vcpu-hotplug": "1", "has-vendor-device": "0"},
             memory={}, disks={}, live=True, last_updated=now(),
             can_use_hotplug_vbd="yes", can_use_hotplug_vif="yes",
         )
         db.set("VM", vm, "guest_metrics", gm)
+        from .api_vm import update_allowed  # the agent's feature flags enable clean operations
+        update_allowed(db, vm)
 
     @contextmanager
     def unlocked(self) -> Iterator[None]:

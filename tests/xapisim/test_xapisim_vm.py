@@ -9,7 +9,7 @@ import xmlrpc.client
 from typing import Any
 
 import pytest
-from xsim_helpers import NODE_TEMPLATE, event_from, failure, join_all, new_vm
+from xsim_helpers import NODE_TEMPLATE, event_from, failure, join_all, new_vm, wait_guest
 
 from xapisim import SimConfig, SimServer
 
@@ -98,6 +98,7 @@ def test_power_states_allowed_operations_and_check_order(xapi: Any) -> None:
     x.VM.start(vm, False, False)
     assert x.VM.get_power_state(vm) == "Running"
     assert x.VM.get_domid(vm) != "-1"
+    wait_guest(x, vm)  # HVM: clean operations need the guest agent's feature flags
     ops = x.VM.get_allowed_operations(vm)
     assert "clean_shutdown" in ops and "start" not in ops and "destroy" not in ops
     assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "running"]
@@ -286,6 +287,7 @@ def test_pool_migrate(sim: SimServer) -> None:
     assert failure(x.VM.pool_migrate, vm, hosts["host-2"], {"live": "true"}) == [
         "VM_BAD_POWER_STATE", vm, "running", "halted"]
     x.VM.start_on(vm, hosts["host-1"], False, False)
+    wait_guest(x, vm)
     x.VM.pool_migrate(vm, hosts["host-2"], {"live": "true"})
     assert x.VM.get_resident_on(vm) == hosts["host-2"]
     # a VM with its disk on host-1's local SR cannot move
@@ -295,6 +297,7 @@ def test_pool_migrate(sim: SimServer) -> None:
     pinned = x.VM.copy(tmpl, "pinned", local1)
     x.VM.provision(pinned)
     x.VM.start(pinned, False, False)
+    wait_guest(x, pinned)
     assert x.VM.get_resident_on(pinned) == hosts["host-1"]
     assert failure(x.VM.pool_migrate, pinned, hosts["host-3"], {}) == ["VM_REQUIRES_SR", pinned, local1]
 
@@ -316,3 +319,15 @@ def test_vm_create_deprecated_path(hosts: int) -> None:
         assert x.VM.get_power_state(vm) == "Halted" and "mac_seed" in x.VM.get_other_config(vm)
         del args["memory_static_max"]
         assert failure(x.VM.create, args) == ["FIELD_TYPE_ERROR", "memory_static_max"]
+
+
+def test_hvm_guest_without_agent_lacks_clean_shutdown() -> None:
+    cfg = SimConfig(hosts=1, sync_interval=0, latency={"delays": {"guest_ip": 60.0}})
+    with SimServer(cfg) as sim:
+        x = sim.session().xenapi
+        vm = new_vm(x, "no-agent")
+        x.VM.start(vm, False, False)
+        assert "clean_shutdown" not in x.VM.get_allowed_operations(vm)
+        assert failure(x.VM.clean_shutdown, vm) == ["VM_LACKS_FEATURE", vm]
+        x.VM.hard_shutdown(vm)
+        assert x.VM.get_power_state(vm) == "Halted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -38,3 +39,16 @@ def new_vm(x: Any, name: str, template: str = NODE_TEMPLATE) -> str:
     vm: str = x.VM.clone(tmpl, name)
     x.VM.provision(vm)
     return vm
+
+
+def wait_guest(x: Any, vm: str, timeout: float = 10.0) -> str:
+    """Wait (with event.from, no polling) until the guest agent reports; returns the guest IP."""
+    token = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gm = x.VM.get_guest_metrics(vm)
+        if gm != "OpaqueRef:NULL":
+            ip: str = x.VM_guest_metrics.get_networks(gm)["0/ip"]
+            return ip
+        token = event_from(x, ["vm_guest_metrics", f"vm/{vm}"], token, 2.0)["token"]
+    raise AssertionError("the guest never reported an IP")
