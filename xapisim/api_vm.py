@@ -49,6 +49,7 @@ NEEDS_FEATURE = {"clean_shutdown": "feature-shutdown", "clean_reboot": "feature-
                  "pool_migrate": "feature-suspend"}
 # operations we advertise in allowed_operations (the ones this simulator implements)
 ADVERTISED = ["start", "start_on", "clean_shutdown", "hard_shutdown", "shutdown", "destroy",
+              "clean_reboot", "hard_reboot", "pause", "unpause", "suspend", "resume", "resume_on",
               "clone", "copy", "provision", "pool_migrate", "changing_memory_limits",
               "changing_static_range", "changing_dynamic_range", "changing_VCPUs",
               "make_into_template"]
@@ -484,6 +485,100 @@ def vm_hard_shutdown(m: XapiModel, ctx: Ctx, vm: str) -> str:
 @implements("VM.shutdown")
 def vm_shutdown(m: XapiModel, ctx: Ctx, vm: str) -> str:
     return _halt(m, ctx, vm, "shutdown", False)
+
+
+def _reboot(m: XapiModel, ctx: Ctx, vm: str, op: str) -> str:
+    db = ctx.db
+    with vm_operation(m, ctx, vm, op):
+        m.delay(f"VM.{op}")
+        rec = db.get("VM", vm)
+        host = rec["resident_on"]
+        gm = rec["guest_metrics"]
+        if gm != NULL and db.exists("VM_guest_metrics", gm):
+            db.destroy("VM_guest_metrics", gm)
+        db.update("VM", vm, guest_metrics=NULL, domid=m.next_domid(), power_state="Running")
+        spec = m.guest_spec(db, vm, host)
+        reporter = m.make_ip_reporter(spec.vm_uuid)
+        m.notify()
+        try:
+            with m.unlocked():
+                m.backend.shutdown(spec.vm_uuid, op == "hard_reboot")
+                m.backend.start(spec, reporter)
+        except Exception as e:
+            raise errors.failure("INTERNAL_ERROR", f"guest backend {m.backend.name}: {e}") from e
+    m.notify()
+    return ""
+
+
+@implements("VM.clean_reboot")
+def vm_clean_reboot(m: XapiModel, ctx: Ctx, vm: str) -> str:
+    return _reboot(m, ctx, vm, "clean_reboot")
+
+
+@implements("VM.hard_reboot")
+def vm_hard_reboot(m: XapiModel, ctx: Ctx, vm: str) -> str:
+    return _reboot(m, ctx, vm, "hard_reboot")
+
+
+def _set_state(m: XapiModel, ctx: Ctx, vm: str, op: str, state: str) -> str:
+    with vm_operation(m, ctx, vm, op):
+        m.delay(f"VM.{op}")
+        ctx.db.set("VM", vm, "power_state", state)
+    m.notify()
+    return ""
+
+
+@implements("VM.pause")
+def vm_pause(m: XapiModel, ctx: Ctx, vm: str) -> str:
+    return _set_state(m, ctx, vm, "pause", "Paused")
+
+
+@implements("VM.unpause")
+def vm_unpause(m: XapiModel, ctx: Ctx, vm: str) -> str:
+    return _set_state(m, ctx, vm, "unpause", "Running")
+
+
+@implements("VM.suspend")
+def vm_suspend(m: XapiModel, ctx: Ctx, vm: str) -> str:
+    """Suspend: the memory image goes to the suspend SR; the host's memory is released."""
+    db = ctx.db
+    with vm_operation(m, ctx, vm, "suspend"):
+        m.delay("VM.suspend")
+        rec = db.get("VM", vm)
+        with m.unlocked():
+            try:
+                m.backend.shutdown(rec["uuid"], False)
+            except Exception as e:
+                raise errors.failure("INTERNAL_ERROR", f"guest backend {m.backend.name}: {e}") from e
+        host = rec["resident_on"]
+        db.update("VM", vm, power_state="Suspended", resident_on=NULL, domid=-1)
+        if host != NULL and db.exists("host", host):
+            refresh_host_memory(m, db, host)
+    m.notify()
+    return ""
+
+
+@implements("VM.resume")
+def vm_resume(m: XapiModel, ctx: Ctx, vm: str, start_paused: bool, force: bool) -> str:
+    return _start(m, ctx, vm, None, start_paused, "resume")
+
+
+@implements("VM.resume_on")
+def vm_resume_on(m: XapiModel, ctx: Ctx, vm: str, host: str, start_paused: bool, force: bool) -> str:
+    ctx.db.get("host", host)
+    return _start(m, ctx, vm, host, start_paused, "resume_on")
+
+
+@implements("VM.get_allowed_VBD_devices")
+def vm_get_allowed_VBD_devices(m: XapiModel, ctx: Ctx, vm: str) -> list[str]:
+    used = {ctx.db.get("VBD", b)["userdevice"] for b in ctx.db.reverse("VM", "VBDs", vm)}
+    return [str(i) for i in range(16) if str(i) not in used]
+
+
+@implements("VM.get_allowed_VIF_devices")
+def vm_get_allowed_VIF_devices(m: XapiModel, ctx: Ctx, vm: str) -> list[str]:
+    used = {ctx.db.get("VIF", v)["device"] for v in ctx.db.reverse("VM", "VIFs", vm)}
+    return [str(i) for i in range(7) if str(i) not in used]
 
 
 @implements("VM.power_state_reset")

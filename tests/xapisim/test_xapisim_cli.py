@@ -71,4 +71,4 @@ def test_coverage_file_is_current() -> None:
     assert proc.returncode == 0, proc.stderr
     text = (Path(xapisim.cli.__file__).parent / "COVERAGE.md").read_text()
     assert "- [X] VM.start (custom, async)" in text
-    assert "- [ ] VM.suspend" in text
+    assert "- [ ] VM.send_sysrq" in text

@@ -143,8 +143,8 @@ def test_every_setter_round_trips(world: tuple[SimServer, Any], cls: str) -> Non
 def test_unimplemented_messages_say_so(world: tuple[SimServer, Any]) -> None:
     sim, x = world
     vm = x.VM.get_by_name_label("conformance")[0]
-    assert not is_implemented(DM.message("VM.suspend"))  # type: ignore[arg-type]
-    assert failure(x.VM.suspend, vm) == ["INTERNAL_ERROR", "xapisim does not implement VM.suspend"]
+    assert not is_implemented(DM.message("VM.send_sysrq"))  # type: ignore[arg-type]
+    assert failure(x.VM.send_sysrq, vm, "b") == ["INTERNAL_ERROR", "xapisim does not implement VM.send_sysrq"]
 
 
 def _raised_codes() -> list[tuple[str, int | None, str]]:

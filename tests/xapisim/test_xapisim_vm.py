@@ -331,3 +331,31 @@ def test_hvm_guest_without_agent_lacks_clean_shutdown() -> None:
         assert failure(x.VM.clean_shutdown, vm) == ["VM_LACKS_FEATURE", vm]
         x.VM.hard_shutdown(vm)
         assert x.VM.get_power_state(vm) == "Halted"
+
+
+def test_reboot_pause_suspend_resume(xapi: Any) -> None:
+    x = xapi
+    vm = new_vm(x, "cycle")
+    host = x.host.get_all()[0]
+    free_halted = int(x.host.compute_free_memory(host))
+    x.VM.start(vm, False, False)
+    wait_guest(x, vm)
+    domid = x.VM.get_domid(vm)
+    x.VM.clean_reboot(vm)
+    assert x.VM.get_power_state(vm) == "Running" and x.VM.get_domid(vm) != domid
+    wait_guest(x, vm)
+    x.VM.pause(vm)
+    assert x.VM.get_power_state(vm) == "Paused"
+    assert failure(x.VM.suspend, vm) == ["VM_BAD_POWER_STATE", vm, "running", "paused"]
+    x.VM.unpause(vm)
+    wait_guest(x, vm)
+    x.VM.suspend(vm)
+    assert x.VM.get_power_state(vm) == "Suspended" and x.VM.get_resident_on(vm) == "OpaqueRef:NULL"
+    assert int(x.host.compute_free_memory(host)) == free_halted
+    assert failure(x.VM.start, vm, False, False) == ["VM_BAD_POWER_STATE", vm, "halted", "suspended"]
+    x.VM.resume_on(vm, host, False, False)
+    assert x.VM.get_power_state(vm) == "Running" and x.VM.get_resident_on(vm) == host
+    x.VM.hard_reboot(vm)
+    assert x.VM.get_power_state(vm) == "Running"
+    assert x.VM.get_allowed_VIF_devices(vm)[0] == "1"
+    assert x.VM.get_allowed_VBD_devices(vm)[0] == "1"
