@@ -43,8 +43,12 @@ def task_result_ref(result: str) -> str:
 class EventWatcher:
     """Cache of objects of ``classes`` kept current by an ``event.from`` loop in a thread."""
 
-    def __init__(self, xapi: Xapi, classes: Iterable[str], *, poll_timeout: float = 30.0) -> None:
+    def __init__(self, xapi: Xapi, classes: Iterable[str], *, poll_timeout: float = 30.0,
+                 coalesce: float = 0.1) -> None:
         self.xapi = xapi
+        # after a batch, wait this long so changes arriving together come in one call (xapi
+        # itself batches event.from answers the same way: event_from_delay)
+        self.coalesce = coalesce
         self.classes = [c.lower() for c in classes]
         self.poll_timeout = poll_timeout
         self.objects: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in self.classes}
@@ -95,6 +99,8 @@ class EventWatcher:
                     self.generation += 1
                     self.cond.notify_all()
                 self._first.set()
+                if batch.get("events") and self.coalesce > 0:
+                    self._stop.wait(self.coalesce)
         except XenctlError as exc:
             log.debug("event loop ended: %s", exc)
             with self.cond:
