@@ -243,7 +243,7 @@ def pool_eject_cmd(c: Context, host: str, dry_run: bool, yes: bool) -> None:
 # ------------------------------------------------------------------------------- nodes
 
 @cli.command("scale-nodes")
-@click.argument("count", type=click.IntRange(0, 1000))
+@click.argument("count", type=click.IntRange(0, 1000), required=False)
 @click.option("--dry-run", is_flag=True, help="Print the plan; make no mutating call.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask before removing nodes.")
 @click.option("--concurrency", type=click.IntRange(1, 64),
@@ -258,11 +258,11 @@ def pool_eject_cmd(c: Context, host: str, dry_run: bool, yes: bool) -> None:
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 @pass_ctx
-def scale_nodes_cmd(c: Context, count: int, dry_run: bool, yes: bool, concurrency: int | None,
+def scale_nodes_cmd(c: Context, count: int | None, dry_run: bool, yes: bool, concurrency: int | None,
                     template: str | None, memory: str | None, vcpus: int | None,
                     network: str | None, cidr: str | None, placement: str | None,
                     ip_timeout: float | None, output: str) -> None:
-    """Make the node fleet exactly COUNT VMs (desired state).
+    """Make the node fleet exactly COUNT VMs (desired state; default nodes.count).
 
     Creates the missing indexes (clone, size, VIF, start on the planned host, wait for the IP),
     removes the highest indexes above COUNT (clean then hard shutdown, disks destroyed), and
@@ -274,6 +274,7 @@ def scale_nodes_cmd(c: Context, count: int, dry_run: bool, yes: bool, concurrenc
                          "nodes.template": template, "nodes.memory": memory,
                          "nodes.vcpus": vcpus, "nodes.network": network, "nodes.cidr": cidr,
                          "nodes.placement": placement, "nodes.ip_timeout": ip_timeout})
+        want = spec.nodes.count if count is None else count
         x = c.connect()
 
         def on_plan(plan: ScalePlan) -> None:
@@ -284,7 +285,7 @@ def scale_nodes_cmd(c: Context, count: int, dry_run: bool, yes: bool, concurrenc
                 _confirm(yes, f"{len(removals)} node(s) and their disks will be destroyed")
 
         try:
-            res = scale_nodes(x, spec, count, dry_run=dry_run,
+            res = scale_nodes(x, spec, want, dry_run=dry_run,
                               progress=lambda n, w: c.say(f"{n}: {w}"), plan_hook=on_plan)
         finally:
             x.logout()

@@ -267,6 +267,11 @@ class Xapi:
         return url_host(self.url)
 
     @property
+    def handle(self) -> str:
+        """The session reference (``OpaqueRef:...``), e.g. for ``session.get_*`` calls."""
+        return str(getattr(self._session, "handle", "") or "")
+
+    @property
     def xenapi(self) -> Any:
         return _Proxy(self.call)
 

@@ -153,3 +153,20 @@ def test_bad_password_is_one_clear_line(sim: SimServer) -> None:
     lines = [line for line in out.output.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("xenctl: error: authentication failed")
     assert sim.password not in out.output
+
+
+def test_expired_session_is_renewed(sim: SimServer) -> None:
+    import xmlrpc.client
+
+    spec = sim_spec(sim)
+    x = connect(spec.pool, Secret(sim.password), url=spec.pool.master)
+    try:
+        old = x.call("session.get_uuid", x.handle)
+        # the server forgets the session (as xapi's GC does after 24 h idle)
+        proxy = xmlrpc.client.ServerProxy(spec.pool.master, transport=sim.transport())
+        assert proxy.session.logout(x.handle)["Status"] == "Success"
+        proxy("close")()
+        assert len(x.call("host.get_all")) == 1  # SESSION_INVALID -> re-login -> retried
+        assert x.call("session.get_uuid", x.handle) != old
+    finally:
+        x.logout()

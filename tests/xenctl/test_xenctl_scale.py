@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from xenctl_helpers import NODE_CIDR, fleet_state, sim_spec
 
@@ -70,7 +72,7 @@ def test_scale_0_30_5_0_spread_evenly(pool3: SimServer) -> None:
     assert st["journal"] == {}
 
 
-def test_dry_run_prints_plan_and_makes_no_mutating_call(pool3: SimServer) -> None:
+def test_dry_run_prints_plan_and_makes_no_mutating_call(pool3: SimServer, tmp_path: Path) -> None:
     spec_env = {"XENCTL_PASSWORD": pool3.password, "XENCTL_CA_FILE": pool3.ca_file,
                 "XENCTL_TEMPLATE": "CentOS 7 (medstream node)",
                 "XENCTL_NETWORK": "xenbr0", "XENCTL_CIDR": NODE_CIDR}
@@ -91,12 +93,25 @@ def test_dry_run_prints_plan_and_makes_no_mutating_call(pool3: SimServer) -> Non
     assert out.exit_code == 0, out.output
     out = CliRunner().invoke(cli, ["--master", master, "inventory", "--list"], env=spec_env)
     assert out.exit_code == 0, out.output
-    import json
     inv = json.loads(out.output)
     assert inv["nodes"]["hosts"] == ["node-01", "node-02", "node-03", "node-04"]
     hv = inv["_meta"]["hostvars"]["node-03"]
     assert ipaddress.ip_address(hv["ansible_host"]) in CIDR
     assert hv["medstream_node_index"] == 3 and hv["xen_host"].startswith("host-")
+    out = CliRunner().invoke(cli, ["--master", master, "inventory", "--host", "node-02"],
+                             env=spec_env)
+    assert json.loads(out.output)["medstream_node_name"] == "node-02"
+    target = tmp_path / "inventory" / "hosts.yml"
+    out = CliRunner().invoke(cli, ["--master", master, "inventory", "--write", str(target)],
+                             env=spec_env)
+    assert out.exit_code == 2, out.output
+    doc = yaml.safe_load(target.read_text())
+    nodes = doc["all"]["children"]["nodes"]["hosts"]
+    assert list(nodes) == ["node-01", "node-02", "node-03", "node-04"]
+    assert nodes["node-04"]["ansible_host"] == inv["_meta"]["hostvars"]["node-04"]["ansible_host"]
+    out = CliRunner().invoke(cli, ["--master", master, "inventory", "--write", str(target)],
+                             env=spec_env)
+    assert out.exit_code == 0 and "(unchanged)" in out.output
 
 
 def test_memory_shortfall_refused_before_anything_is_created(pool3: SimServer) -> None:

@@ -174,3 +174,12 @@ def test_password_sources_in_order(tmp_path: Path) -> None:
     with pytest.raises(CredentialsError, match="MY_PW"):
         resolve_password(spec2.pool, env={})
     assert resolve_password(spec2.pool, env={"MY_PW": "z"}).reveal() == "z"
+
+
+def test_example_cloud_yml_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "cloud.yml"
+    spec = load_spec(example, env={})
+    assert spec.nodes.count == 30 and spec.nodes.placement == "spread"
+    assert len(spec.pool.all_hosts) == 3
+    assert all(len(spec.pool.tls.pins_for(h.split("//")[1].split(":")[0])) == 1
+               for h in spec.pool.all_hosts)
