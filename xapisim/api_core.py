@@ -119,6 +119,49 @@ def event_inject(m: XapiModel, ctx: Ctx, cls: str, ref: str) -> str:
     return token
 
 
+# The deprecated per-session queue (event.register / event.next / event.unregister).
+
+
+@implements("event.register")
+def event_register(m: XapiModel, ctx: Ctx, classes: list[str]) -> str:
+    m._parse_subscriptions(classes)
+    reg = m.registrations.setdefault(ctx.session, {"classes": set(), "since": ctx.db.gen})
+    reg["classes"].update(classes)
+    return ""
+
+
+@implements("event.unregister")
+def event_unregister(m: XapiModel, ctx: Ctx, classes: list[str]) -> str:
+    reg = m.registrations.get(ctx.session)
+    if reg is not None:
+        reg["classes"].difference_update(classes)
+    return ""
+
+
+@implements("event.next")
+def event_next(m: XapiModel, ctx: Ctx) -> list[dict[str, Any]]:
+    """Blocks until an event for a registered class exists (xapi blocks without a timeout)."""
+    reg = m.registrations.get(ctx.session)
+    if reg is None:
+        raise errors.failure("SESSION_NOT_REGISTERED", ctx.session)
+    while True:
+        subs = m._parse_subscriptions(sorted(reg["classes"]))
+        events = m._events_since(ctx.db, reg["since"], subs)
+        if events or m.stopping.is_set():
+            break
+        m.cond.wait(1.0)
+        if not ctx.db.exists("session", ctx.session):
+            raise errors.failure("SESSION_INVALID", ctx.session)
+    reg["since"] = ctx.db.gen
+    out = []
+    for e in events:
+        rec = dict(e)
+        snapshot = rec.get("snapshot")
+        rec["obj_uuid"] = snapshot["uuid"] if isinstance(snapshot, dict) else ""
+        out.append(rec)
+    return out
+
+
 # -- host ------------------------------------------------------------------------------------------
 
 

@@ -102,6 +102,7 @@ class XapiModel:
         self.on_kill: Callable[[Node], None] = lambda node: None
         self.on_revive: Callable[[Node], None] = lambda node: None
         self._domid = 0
+        self.registrations: dict[str, dict[str, Any]] = {}  # event.register state per session
         self._sync_thread: threading.Thread | None = None
         for spec in specs:
             db = Database()

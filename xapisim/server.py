@@ -33,7 +33,7 @@ from .fixtures import GiB, HostSpec
 from .latency import LatencyModel
 from .models import XapiModel
 from .pki import CertificateAuthority
-from .wire import parse_request, response_xml
+from .wire import jsonrpc_response, parse_request, response_xml
 
 log = logging.getLogger("xapisim")
 
@@ -161,6 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
             return
         path = self.path.split("?", 1)[0]
+        if path == "/jsonrpc":
+            self._jsonrpc(body)
+            return
         if path not in ("/", "/RPC2"):
             self._send(404, b"<html><body><h1>HTTP 404 Not Found</h1></body></html>", "text/html")
             return
@@ -183,6 +186,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._send(200, response_xml(result), "text/xml")
+
+    def _jsonrpc(self, body: bytes) -> None:
+        sim = self.server.sim
+        try:
+            req = json.loads(body)
+            method = req["method"]
+            params = req.get("params", [])
+            if not isinstance(method, str) or not isinstance(params, list):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            self._send(500, b"<html><body><h1>HTTP 500 Internal Server Error</h1></body></html>",
+                       "text/html")
+            return
+        try:
+            result = sim.dispatcher.handle(self.server.node_name, method, tuple(params))
+        except DropConnection:
+            self.close_connection = True
+            return
+        payload = jsonrpc_response(result, req.get("id"), req.get("jsonrpc") == "2.0")
+        self._send(200, json.dumps(payload).encode(), "application/json")
 
     def _send(self, code: int, payload: bytes, ctype: str) -> None:
         self.send_response(code)

@@ -84,3 +84,29 @@ def parse_request(body: bytes) -> tuple[str, tuple[Any, ...]]:
     if method is None:
         raise ValueError("not a methodCall")
     return method, params
+
+
+def to_json(value: Any) -> Any:
+    """JSON-RPC encoding (api_server.ml jsoncallback): ints are numbers, datetimes strings."""
+    if isinstance(value, dt.datetime):
+        return format_datetime(value)
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_json(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return int(value) if isinstance(value, Int32) else value
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def jsonrpc_response(envelope: dict[str, Any], request_id: Any, version2: bool) -> dict[str, Any]:
+    ok = envelope["Status"] == "Success"
+    if version2:
+        if ok:
+            return {"jsonrpc": "2.0", "result": to_json(envelope["Value"]), "id": request_id}
+        desc = envelope["ErrorDescription"]
+        return {"jsonrpc": "2.0", "error": {"code": 1, "message": desc[0], "data": desc[1:]},
+                "id": request_id}
+    if ok:
+        return {"result": to_json(envelope["Value"]), "error": None, "id": request_id}
+    return {"result": None, "error": list(envelope["ErrorDescription"]), "id": request_id}

@@ -359,3 +359,13 @@ def test_reboot_pause_suspend_resume(xapi: Any) -> None:
     assert x.VM.get_power_state(vm) == "Running"
     assert x.VM.get_allowed_VIF_devices(vm)[0] == "1"
     assert x.VM.get_allowed_VBD_devices(vm)[0] == "1"
+
+
+def test_deprecated_event_register_next(xapi: Any) -> None:
+    x = xapi
+    assert failure(x.event.next)[0] == "SESSION_NOT_REGISTERED"
+    x.event.register(["vm"])
+    vm = new_vm(x, "legacy")
+    events = x.event.next()
+    assert any(e["ref"] == vm and e["class"] == "vm" and e["obj_uuid"] for e in events)
+    x.event.unregister(["vm"])

@@ -154,3 +154,30 @@ def test_map_and_set_accessors(xapi: object) -> None:
     assert x.VM.get_name_description(clone) == "d"  # type: ignore[attr-defined]
     # bool params must be real booleans
     assert failure(x.VM.set_ha_always_run, clone, "true")[0] == "FIELD_TYPE_ERROR"  # type: ignore[attr-defined]
+
+
+def jsonrpc(sim: SimServer, payload: dict[str, object]) -> dict[str, object]:
+    import json
+    conn = http.client.HTTPSConnection(sim.host("host-1").address, sim.port,
+                                       context=sim.ssl_context(), timeout=10)
+    conn.request("POST", "/jsonrpc", json.dumps(payload), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data: dict[str, object] = json.loads(resp.read())
+    conn.close()
+    return data
+
+
+def test_jsonrpc_v1_and_v2_share_sessions_with_xmlrpc(sim: SimServer) -> None:
+    login = jsonrpc(sim, {"method": "session.login_with_password",
+                          "params": [sim.username, sim.password, "2.21", "t"], "id": 1})
+    assert login["error"] is None and login["id"] == 1
+    ref = login["result"]
+    host = jsonrpc(sim, {"method": "host.get_all", "params": [ref], "id": 2})["result"]
+    assert isinstance(host, list)
+    rec = jsonrpc(sim, {"jsonrpc": "2.0", "method": "host.get_record", "params": [ref, host[0]], "id": 3})
+    result = rec["result"]
+    assert isinstance(result, dict) and isinstance(result["API_version_major"], int)  # numbers on JSON
+    bad = jsonrpc(sim, {"jsonrpc": "2.0", "method": "VM.get_record", "params": [ref, "OpaqueRef:x"], "id": 4})
+    assert bad["error"] == {"code": 1, "message": "HANDLE_INVALID", "data": ["VM", "OpaqueRef:x"]}
+    v1 = jsonrpc(sim, {"method": "VM.get_record", "params": [ref, "OpaqueRef:x"], "id": 5})
+    assert v1["result"] is None and v1["error"] == ["HANDLE_INVALID", "VM", "OpaqueRef:x"]
