@@ -140,7 +140,13 @@ def test_faults_survived(pool3: SimServer) -> None:
     assert all(r["power_state"] == "Running" for r in st["fleet"].values())
     assert st["strays"] == [] and st["journal"] == {}
     baseline_loose = fleet_state(pool3)["loose_vdis"]
-    scale(pool3, 0)
+    # guests that do not shut down cleanly are hard-shut-down, then destroyed with their disks
+    refuse = f.fail("VM.clean_shutdown", code="VM_LACKS_FEATURE", params=["OpaqueRef:NULL"], nth=0)
+    stats = CallStats()
+    res = scale(pool3, 0, stats=stats)
+    assert not res.failures and refuse.fired == 6
+    assert stats.counts["Async.VM.hard_shutdown"] == 6 and stats.counts["VDI.destroy"] == 6
+    assert fleet_state(pool3)["fleet"] == {}
     assert fleet_state(pool3)["loose_vdis"] == baseline_loose
 
 
