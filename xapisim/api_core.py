@@ -61,8 +61,10 @@ def task_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
 @implements("task.cancel")
 def task_cancel(m: XapiModel, ctx: Ctx, task: str) -> str:
     rec = ctx.db.get("task", task)
-    if "cancel" not in rec["allowed_operations"]:
+    if "cancel" not in rec["allowed_operations"] or rec["status"] != "pending":
         raise errors.failure("OPERATION_NOT_ALLOWED", "Task is not cancellable")
+    ctx.db.update("task", task, status="cancelling", allowed_operations=[])
+    m.notify()
     return ""
 
 

@@ -28,6 +28,9 @@ Handler = Callable[..., Any]
 HANDLERS: dict[str, Handler] = {}
 READ_KINDS = {"getter", "get_record", "get_by_uuid", "get_by_name_label", "get_all",
               "get_all_records", "get_all_where", "get_all_records_where"}
+# Async operations whose tasks advertise "cancel" (long-running, interruptible in xapi/xenopsd)
+CANCELLABLE = {"VM.clone", "VM.copy", "VM.start", "VM.start_on", "VM.resume", "VM.resume_on",
+               "VM.clean_shutdown", "VM.shutdown", "VM.pool_migrate", "VM.provision", "VDI.create"}
 GENERIC_KINDS = READ_KINDS | {"setter", "add", "remove", "constructor", "destructor"}
 
 
@@ -361,13 +364,15 @@ class Dispatcher:
 
     def _run_async(self, ctx: Ctx, method: str, handler: Handler, args: list[Any]) -> str:
         m = self.model
+        name = method[len("Async."):]
         with m.lock:
-            task = m.create_task(ctx, method)
+            task = m.create_task(ctx, method, cancellable=name in CANCELLABLE)
         ctx.task = task
         ctx.op_ref = task
         db = ctx.db
 
         def run() -> None:
+            m.local.task = (db, task)
             with m.lock:
                 try:
                     value = handler(m, ctx, *args)

@@ -102,6 +102,7 @@ class XapiModel:
         self.on_kill: Callable[[Node], None] = lambda node: None
         self.on_revive: Callable[[Node], None] = lambda node: None
         self._domid = 0
+        self.local = threading.local()  # .task = (db, task ref) inside an Async worker thread
         self.registrations: dict[str, dict[str, Any]] = {}  # event.register state per session
         self._sync_thread: threading.Thread | None = None
         for spec in specs:
@@ -135,7 +136,10 @@ class XapiModel:
         self.cond.notify_all()
 
     def sleep(self, seconds: float) -> None:
-        """Sleep with the model lock released (must be called holding it)."""
+        """Sleep with the model lock released (must be called holding it).
+
+        Inside an Async task that a client cancelled (``task.cancel``), raises TASK_CANCELLED."""
+        self.check_cancelled()
         if seconds <= 0:
             return
         deadline = time.monotonic() + seconds
@@ -144,6 +148,15 @@ class XapiModel:
             if left <= 0 or self.stopping.is_set():
                 return
             self.cond.wait(left)
+            self.check_cancelled()
+
+    def check_cancelled(self) -> None:
+        current = getattr(self.local, "task", None)
+        if current is None:
+            return
+        db, task = current
+        if db.exists("task", task) and db.get("task", task)["status"] == "cancelling":
+            raise errors.failure("TASK_CANCELLED", task)
 
     def delay(self, message: str) -> None:
         self.sleep(self.latency.delay(message))
@@ -255,11 +268,12 @@ class XapiModel:
         )
 
     # -- tasks -----------------------------------------------------------------------------------
-    def create_task(self, ctx: Ctx, label: str, description: str = "") -> str:
+    def create_task(self, ctx: Ctx, label: str, description: str = "", cancellable: bool = False) -> str:
         host = self.host_ref(ctx.db, ctx.node) if ctx.node.is_master else NULL
         ref = ctx.db.create(
             "task", name_label=label, name_description=description, status="pending",
-            created=now(), progress=0.0, resident_on=host, allowed_operations=[],
+            created=now(), progress=0.0, resident_on=host,
+            allowed_operations=["cancel"] if cancellable else [],
             current_operations={}, subtask_of=NULL, other_config={}, error_info=[], result="",
         )
         self.notify()

@@ -369,3 +369,17 @@ def test_deprecated_event_register_next(xapi: Any) -> None:
     events = x.event.next()
     assert any(e["ref"] == vm and e["class"] == "vm" and e["obj_uuid"] for e in events)
     x.event.unregister(["vm"])
+
+
+def test_task_cancel() -> None:
+    with SimServer(SimConfig(hosts=1, sync_interval=0, latency={"delays": {"VM.clone": 2.0}})) as sim:
+        x = sim.session().xenapi
+        tmpl = x.VM.get_by_name_label(NODE_TEMPLATE)[0]
+        task = x.Async.VM.clone(tmpl, "never")
+        assert x.task.get_allowed_operations(task) == ["cancel"]
+        x.task.cancel(task)
+        rec = wait_task(x, task)
+        assert rec["status"] == "cancelled" and rec["error_info"] == ["TASK_CANCELLED", task]
+        assert x.VM.get_by_name_label("never") == []
+        assert x.VM.get_current_operations(tmpl) == {}
+        assert failure(x.task.cancel, task) == ["OPERATION_NOT_ALLOWED", "Task is not cancellable"]
