@@ -138,6 +138,7 @@ def _do_join(m: XapiModel, ctx: Ctx, master_address: str, username: str, passwor
     assert master.db is not None
     _join_checks(m, ctx, master, force)
     _merge_into_master(m, ctx.node, ctx.db, master.db)
+    m.refresh_allowed(master.db)
     joiner = ctx.node
     joiner.role = "slave"
     joiner.master_address = master.address
@@ -204,6 +205,7 @@ def pool_eject(m: XapiModel, ctx: Ctx, host: str) -> str:
     spec.shared_sr = False
     spec.node_template = False
     build_host(fresh, spec)
+    m.refresh_allowed(fresh)
     node.role = "master"
     node.master_address = ""
     node.db = fresh

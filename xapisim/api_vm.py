@@ -128,6 +128,19 @@ def vm_operation(m: XapiModel, ctx: Ctx, vm: str, op: str) -> Iterator[None]:
         m.notify()
 
 
+def set_devices_attached(db: Database, vm: str, attached: bool) -> None:
+    """Plug (start) or unplug (halt) the VM's VBDs and VIFs, as xenopsd reports them."""
+    for vbd in db.reverse("VM", "VBDs", vm):
+        rec = db.get("VBD", vbd)
+        if rec["currently_attached"] != attached:
+            device = (f"xvd{chr(ord('a') + int(rec['userdevice']))}"
+                      if attached and rec["userdevice"].isdigit() and int(rec["userdevice"]) < 26 else rec["device"])
+            db.update("VBD", vbd, currently_attached=attached, device=device)
+    for vif in db.reverse("VM", "VIFs", vm):
+        if db.get("VIF", vif)["currently_attached"] != attached:
+            db.set("VIF", vif, "currently_attached", attached)
+
+
 def set_progress(m: XapiModel, ctx: Ctx, value: float) -> None:
     if ctx.task != NULL and ctx.db.exists("task", ctx.task):
         ctx.db.set("task", ctx.task, "progress", value)
@@ -420,6 +433,7 @@ def _start(m: XapiModel, ctx: Ctx, vm: str, host: str | None, paused: bool, op: 
                           memory_actual=rec["memory_dynamic_max"], VCPUs_number=rec["VCPUs_at_startup"],
                           state=[])
             db.update("VM", vm, last_boot_CPU_flags={"vendor": "GenuineIntel"})
+            set_devices_attached(db, vm, True)
             spec = m.guest_spec(db, vm, host)
             reporter = m.make_ip_reporter(spec.vm_uuid)
             m.notify()
@@ -429,6 +443,7 @@ def _start(m: XapiModel, ctx: Ctx, vm: str, host: str | None, paused: bool, op: 
             except Exception as e:
                 if db.exists("VM", vm):
                     db.update("VM", vm, power_state="Halted", resident_on=NULL, domid=-1)
+                    set_devices_attached(db, vm, False)
                 if isinstance(e, errors.XenAPIError):
                     raise
                 raise errors.failure("INTERNAL_ERROR", f"guest backend {m.backend.name}: {e}") from e
@@ -464,6 +479,7 @@ def _halt(m: XapiModel, ctx: Ctx, vm: str, op: str, hard: bool) -> str:
         rec = db.get("VM", vm)
         host = rec["resident_on"]
         db.update("VM", vm, power_state="Halted", resident_on=NULL, domid=-1)
+        set_devices_attached(db, vm, False)
         if db.exists("VM_metrics", rec["metrics"]):
             db.update("VM_metrics", rec["metrics"], memory_actual=0, last_updated=now())
         if host != NULL and db.exists("host", host):
@@ -552,6 +568,7 @@ def vm_suspend(m: XapiModel, ctx: Ctx, vm: str) -> str:
                 raise errors.failure("INTERNAL_ERROR", f"guest backend {m.backend.name}: {e}") from e
         host = rec["resident_on"]
         db.update("VM", vm, power_state="Suspended", resident_on=NULL, domid=-1)
+        set_devices_attached(db, vm, False)
         if host != NULL and db.exists("host", host):
             refresh_host_memory(m, db, host)
     m.notify()
@@ -591,6 +608,7 @@ def vm_power_state_reset(m: XapiModel, ctx: Ctx, vm: str) -> str:
         if db.get("host_metrics", metrics)["live"]:
             raise errors.failure("HOST_IS_LIVE", host)
     db.update("VM", vm, power_state="Halted", resident_on=NULL, domid=-1, current_operations={})
+    set_devices_attached(db, vm, False)
     update_allowed(db, vm)
     m.notify()
     return ""

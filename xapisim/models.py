@@ -108,7 +108,14 @@ class XapiModel:
         for spec in specs:
             db = Database()
             build_host(db, spec)
+            self.refresh_allowed(db)
             self.nodes[spec.name] = Node(spec.name, spec.address, spec.uuid, spec, db=db)
+
+    @staticmethod
+    def refresh_allowed(db: Database) -> None:
+        from .api_vm import update_allowed
+        for vm in list(db.tables["VM"]):
+            update_allowed(db, vm)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_sync(self) -> None:

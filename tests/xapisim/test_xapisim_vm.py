@@ -383,3 +383,23 @@ def test_task_cancel() -> None:
         assert x.VM.get_by_name_label("never") == []
         assert x.VM.get_current_operations(tmpl) == {}
         assert failure(x.task.cancel, task) == ["OPERATION_NOT_ALLOWED", "Task is not cancellable"]
+
+
+def test_concurrent_starts_reserve_memory() -> None:
+    """Async starts in flight see each other's reservation (scheduled_to_be_resident_on)."""
+    cfg = SimConfig(hosts=3, sync_interval=0, latency={"delays": {"VM.start": 0.3}}, seed=3)
+    with SimServer(cfg) as sim:
+        join_all(sim)
+        x = sim.session("host-1").xenapi
+        vms = [new_vm(x, f"par-{i:02d}") for i in range(24)]
+        tasks = [x.Async.VM.start(vm, False, False) for vm in vms]
+        results = [wait_task(x, t) for t in tasks]
+        ok = [r for r in results if r["status"] == "success"]
+        bad = [r for r in results if r["status"] == "failure"]
+        assert len(ok) == 18 and len(bad) == 6
+        assert {r["error_info"][0] for r in bad} == {"HOST_NOT_ENOUGH_FREE_MEMORY"}
+        for h in x.host.get_all():
+            running = [v for v in x.host.get_resident_VMs(h) if not x.VM.get_is_control_domain(v)]
+            assert len(running) == 6
+            vbds = [b for v in running for b in x.VM.get_VBDs(v)]
+            assert all(x.VBD.get_currently_attached(b) for b in vbds)
