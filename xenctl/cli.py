@@ -339,6 +339,70 @@ def inventory_cmd(c: Context, path: str, as_list: bool, host: str | None) -> Non
     _run(go)
 
 
+# ------------------------------------------------------------------------------- up / down
+
+@cli.command("up")
+@click.argument("cloud_yml", required=False, type=click.Path(dir_okay=False))
+@click.option("--sim", is_flag=True,
+              help="Run on a throwaway simulated pool (xapisim, 3 hosts); nothing is left behind.")
+@click.option("--sim-backend", type=click.Choice(["memory", "lab"]), default="memory",
+              show_default=True, help="With --sim: records only, or real lab hosts (root).")
+@click.option("--nodes", type=click.IntRange(0, 1000), help="Node count (default nodes.count; 5 with --sim).")
+@click.option("--skip", default="", metavar="PHASE,...",
+              help="Phases to skip: pool, nodes, inventory, deploy, smoke.")
+@click.option("--inventory", "inventory_path", default="inventory/hosts.yml", show_default=True,
+              type=click.Path(dir_okay=False))
+@pass_ctx
+def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes: int | None,
+           skip: str, inventory_path: str) -> None:
+    """The whole storage cloud from one command: pool create, scale-nodes, inventory,
+    ansible-playbook playbooks/site.yml, smoke test. Re-run to resume after a failure."""
+    from .up import up
+
+    skips = {p.strip() for p in skip.split(",") if p.strip()}
+
+    def go() -> int:
+        t0 = time.monotonic()
+        if sim:
+            from .sim import sim_cloud
+            with sim_cloud(5 if nodes is None else nodes, backend=sim_backend) as sc:
+                res = up(sc.spec, sc.password, inventory_path=Path(inventory_path), skip=skips,
+                         progress=c.say, stats=c.stats, deploy=sc.deploy)
+        else:
+            if cloud_yml:
+                c.config = cloud_yml
+            res = up(c.spec(), c.password(), count=nodes, inventory_path=Path(inventory_path),
+                     skip=skips, progress=c.say, stats=c.stats)
+        click.echo("\n".join(res.summary()))
+        for n in res.nodes:
+            click.echo(f"{n.name}  {n.ip or '-':<15}  {n.host}")
+        click.echo(f"done in {time.monotonic() - t0:.1f}s")
+        return EXIT_CHANGED if res.changed else EXIT_OK
+    _run(go)
+
+
+@cli.command("down")
+@click.argument("cloud_yml", required=False, type=click.Path(dir_okay=False))
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--inventory", "inventory_path", default="inventory/hosts.yml", show_default=True,
+              type=click.Path(dir_okay=False))
+@pass_ctx
+def down_cmd(c: Context, cloud_yml: str | None, yes: bool, inventory_path: str) -> None:
+    """Remove the node fleet (VMs and their disks) and empty the inventory; the pool stays."""
+    from .up import down
+
+    def go() -> int:
+        if cloud_yml:
+            c.config = cloud_yml
+        spec = c.spec()
+        _confirm(yes, f"all nodes of cloud {spec.cloud!r} and their disks will be destroyed")
+        res = down(spec, c.password(), inventory_path=Path(inventory_path), progress=c.say,
+                   stats=c.stats)
+        click.echo("\n".join(res.summary()))
+        return EXIT_CHANGED if res.changed else EXIT_OK
+    _run(go)
+
+
 def main() -> None:
     cli.main(prog_name="xenctl")
 

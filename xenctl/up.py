@@ -1,0 +1,215 @@
+"""``xenctl up`` / ``xenctl down``: the whole storage cloud from one command, in resumable phases.
+
+Phases, in order: ``pool`` (pool create), ``nodes`` (scale-nodes), ``inventory`` (inventory/hosts.yml),
+``deploy`` (``ansible-playbook playbooks/site.yml`` through :mod:`xenctl.deploy`, the Ansible part's
+runner) and ``smoke`` (a small generated study uploaded from the workstation). Every phase is
+idempotent, so a failed run is resumed by running ``xenctl up`` again: finished phases report no
+change. ``down`` scales the fleet to zero and rewrites the inventory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import XenctlError
+from .inventory import build_inventory, write_inventory
+from .nodes import NodeResult, scale_nodes
+from .pool import pool_create
+from .session import CallStats, connect
+from .spec import CloudSpec, Secret
+
+__all__ = ["PHASES", "DeployOptions", "Phase", "PhaseError", "UpResult", "down", "up"]
+
+PHASES = ("pool", "nodes", "inventory", "deploy", "smoke")
+Progress = Callable[[str], None]
+
+
+class PhaseError(XenctlError):
+    """A phase of ``up``/``down`` failed; the message names it and how to resume."""
+
+    def __init__(self, phase: str, cause: Exception) -> None:
+        self.phase = phase
+        super().__init__(f"phase {phase!r} failed: {cause}",
+                         hint="fix the cause and run the same command again; finished phases "
+                              "are not redone")
+
+
+@dataclass
+class Phase:
+    name: str
+    changed: bool = False
+    seconds: float = 0.0
+    detail: str = ""
+    skipped: bool = False
+
+
+@dataclass
+class UpResult:
+    phases: list[Phase] = field(default_factory=list)
+    nodes: list[NodeResult] = field(default_factory=list)
+    inventory: Path | None = None
+
+    @property
+    def changed(self) -> bool:
+        return any(p.changed for p in self.phases)
+
+    def summary(self) -> list[str]:
+        lines = []
+        for p in self.phases:
+            state = "skipped" if p.skipped else ("changed" if p.changed else "ok")
+            lines.append(f"  {p.name:<10} {state:<8} {p.seconds:7.1f}s  {p.detail}")
+        return lines
+
+
+@dataclass
+class DeployOptions:
+    """What the deploy and smoke phases need to reach the hosts (the lab provides these)."""
+
+    ssh_config: Path | None = None
+    private_key: Path | None = None
+    known_hosts: Path | None = None
+    extra_vars: Mapping[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def _phase(result: UpResult, name: str, progress: Progress) -> Iterator[Phase]:
+    ph = Phase(name)
+    result.phases.append(ph)
+    progress(f"== {name}")
+    t0 = time.monotonic()
+    try:
+        yield ph
+    except PhaseError:
+        raise
+    except XenctlError as exc:
+        ph.seconds = time.monotonic() - t0
+        raise PhaseError(name, exc) from exc
+    ph.seconds = time.monotonic() - t0
+    progress(f"== {name}: {'changed' if ph.changed else 'ok'} in {ph.seconds:.1f}s"
+             + (f" ({ph.detail})" if ph.detail else ""))
+
+
+def up(spec: CloudSpec, password: Secret, *, count: int | None = None,
+       inventory_path: Path = Path("inventory/hosts.yml"), skip: Collection[str] = (),
+       progress: Progress = print, node_progress: Callable[[str, str], None] | None = None,
+       stats: CallStats | None = None, deploy: DeployOptions | None = None) -> UpResult:
+    """Run the phases (see the module docstring); raise :class:`PhaseError` on the first failure."""
+    unknown = set(skip) - set(PHASES)
+    if unknown:
+        raise XenctlError(f"unknown phase(s) {', '.join(sorted(unknown))}; phases: {', '.join(PHASES)}")
+    result = UpResult(inventory=inventory_path)
+    want = spec.nodes.count if count is None else count
+    deploy = deploy or DeployOptions(private_key=spec.nodes.ssh_private_key)
+
+    def skipped(name: str) -> bool:
+        if name in skip:
+            result.phases.append(Phase(name, skipped=True))
+            progress(f"== {name}: skipped")
+            return True
+        return False
+
+    if not skipped("pool"):
+        with _phase(result, "pool", progress) as ph:
+            res = pool_create(spec.pool, password, progress=progress, stats=stats)
+            ph.changed, ph.detail = res.changed, f"master {res.master}, {len(spec.pool.all_hosts)} hosts"
+    if not skipped("nodes"):
+        with _phase(result, "nodes", progress) as ph:
+            x = connect(spec.pool, password, stats=stats)
+            try:
+                sres = scale_nodes(x, spec, want, progress=node_progress or (
+                    lambda n, w: progress(f"{n}: {w}")))
+            finally:
+                x.logout()
+            if sres.failures:
+                raise XenctlError(f"{len(sres.failures)} node(s) failed, first: "
+                                  f"{sres.failures[0].name}: {sres.failures[0].error}")
+            result.nodes = sres.nodes
+            ph.changed = sres.changed
+            ph.detail = f"{len(sres.nodes)} node(s), {sres.calls} XenAPI calls"
+    if not skipped("inventory"):
+        with _phase(result, "inventory", progress) as ph:
+            x = connect(spec.pool, password, stats=stats)
+            try:
+                inv = build_inventory(x, spec)
+            finally:
+                x.logout()
+            if len(inv["nodes"]) != want and "nodes" not in skip:
+                raise XenctlError(f"inventory has {len(inv['nodes'])} node(s) with an IP, want {want}")
+            ph.changed = write_inventory(inv, inventory_path)
+            ph.detail = f"{inventory_path}: {len(inv['nodes'])} node(s)"
+    if not skipped("deploy"):
+        with _phase(result, "deploy", progress) as ph:
+            ph.changed, ph.detail = _deploy(inventory_path, deploy, progress)
+    if not skipped("smoke"):
+        with _phase(result, "smoke", progress) as ph:
+            ph.detail = _smoke(spec, deploy, progress)
+    return result
+
+
+def down(spec: CloudSpec, password: Secret, *, inventory_path: Path = Path("inventory/hosts.yml"),
+         progress: Progress = print, stats: CallStats | None = None) -> UpResult:
+    """Remove the fleet (scale to 0) and rewrite the inventory; the pool itself stays."""
+    result = UpResult(inventory=inventory_path)
+    with _phase(result, "nodes", progress) as ph:
+        x = connect(spec.pool, password, stats=stats)
+        try:
+            sres = scale_nodes(x, spec, 0, progress=lambda n, w: progress(f"{n}: {w}"))
+            inv = build_inventory(x, spec)
+        finally:
+            x.logout()
+        if sres.failures:
+            raise XenctlError(f"{len(sres.failures)} node(s) could not be removed")
+        ph.changed = sres.changed
+        ph.detail = f"{len(sres.plan.of('remove'))} node(s) removed"
+    with _phase(result, "inventory", progress) as ph:
+        ph.changed = write_inventory(inv, inventory_path)
+    return result
+
+
+def _deploy(inventory: Path, opts: DeployOptions, progress: Progress) -> tuple[bool, str]:
+    """Hand over to the Ansible part's runner (docs/INTERFACES.md, "xenctl.deploy")."""
+    try:
+        mod = importlib.import_module("xenctl.deploy")
+    except ImportError as exc:
+        raise XenctlError("the deploy step is not available (xenctl.deploy is missing)",
+                          hint="skip it with --skip deploy,smoke") from exc
+    run = getattr(mod, "run_site", None)
+    if run is None:
+        raise XenctlError("xenctl.deploy has no run_site() (see docs/INTERFACES.md)")
+    res = run(inventory, ssh_config=opts.ssh_config, private_key=opts.private_key,
+              extra_vars=dict(opts.extra_vars), progress=progress)
+    changed = bool(getattr(res, "changed", True))
+    return changed, str(getattr(res, "summary", ""))
+
+
+def _smoke(spec: CloudSpec, opts: DeployOptions, progress: Progress) -> str:
+    """Upload a small generated study from the workstation and fetch it back (transfer CLI)."""
+    if not spec.workstation.address:
+        raise XenctlError("no workstation in the spec (workstation.address)")
+    ssh = ["ssh", "-o", "BatchMode=yes"]
+    if opts.ssh_config:
+        ssh += ["-F", str(opts.ssh_config)]
+    if opts.private_key:
+        ssh += ["-i", str(opts.private_key)]
+    target = f"{spec.workstation.ssh_user}@{spec.workstation.address}"
+    script = ("set -e; d=$(mktemp -d); transfer synth \"$d/in\" --slices 8 --rows 64 --cols 64 >/dev/null; "
+              "transfer upload \"$d/in\" --json-report \"$d/report.json\" >/dev/null; "
+              "cat \"$d/report.json\"; rm -rf \"$d\"")
+    progress(f"smoke: upload a small study from {spec.workstation.address}")
+    try:
+        out = subprocess.run([*ssh, target, "sh", "-c", shlex.quote(script)], capture_output=True,
+                             text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise XenctlError(f"smoke test could not run: {exc}") from exc
+    if out.returncode != 0:
+        raise XenctlError(f"smoke upload failed (exit {out.returncode}): "
+                          f"{(out.stderr or out.stdout).strip()[-300:]}")
+    return "study uploaded from the workstation"
