@@ -38,9 +38,11 @@ def main() -> None:
               help="directory for certificates and the credentials file [a temp dir]")
 @click.option("--no-tls", is_flag=True, help="plain HTTP (not what real hosts do)")
 @click.option("--sync-interval", type=float, default=None, help="seconds between DB syncs to slaves [5]")
+@click.option("--guest-cidr", default=None,
+              help="memory backend: where synthetic guest IPs come from [10.213.128.0/17]")
 def serve(hosts: int | None, backend: str | None, config_file: str | None, latency: str | None,
           port: int | None, address_prefix: str | None, workdir: str | None, no_tls: bool,
-          sync_interval: float | None) -> None:
+          sync_interval: float | None, guest_cidr: str | None) -> None:
     overrides: dict[str, Any] = {"hosts": hosts, "backend": backend, "latency": latency, "port": port,
                  "address_prefix": address_prefix, "workdir": workdir,
                  "sync_interval": sync_interval, "tls": False if no_tls else None}
@@ -49,6 +51,10 @@ def serve(hosts: int | None, backend: str | None, config_file: str | None, laten
             cfg = SimConfig.from_file(config_file, **overrides)
         else:
             cfg = SimConfig(**{k: v for k, v in overrides.items() if v is not None})
+        if guest_cidr:
+            if cfg.backend != "memory":
+                raise ValueError("--guest-cidr applies to the memory backend only")
+            cfg.backend_options["cidr"] = guest_cidr
         sim = SimServer(cfg)
         sim.start()
     except (XapisimError, ValueError, OSError) as e:
@@ -70,6 +76,10 @@ def serve(hosts: int | None, backend: str | None, config_file: str | None, laten
         click.echo(f"credentials: {sim.credentials_file}")
         if sim.ca_file:
             click.echo(f"CA file:     {sim.ca_file}")
+        for key in ("ssh_config", "private_key"):
+            value = getattr(sim.backend, key, None)
+            if value:
+                click.echo(f"{key + ':':12} {value}")
         click.echo("join a pool: pool.join(master_address, username, password) on each other host; "
                    "Ctrl-C stops and removes everything.", err=False)
         sys.stdout.flush()

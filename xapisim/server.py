@@ -359,7 +359,7 @@ class SimServer:
     def _write_credentials(self) -> None:
         assert self.workdir is not None
         path = self.workdir / "credentials.json"
-        data = {
+        data: dict[str, Any] = {
             "username": self.username,
             "password": self.password,
             "ca_file": self.ca_file,
@@ -368,7 +368,12 @@ class SimServer:
             "hosts": [{"name": h.name, "address": h.address, "uuid": h.uuid, "url": self.url_for(h.name),
                        "fingerprint": self.fingerprints.get(h.name, "")} for h in self.hosts],
             "fingerprints": self.fingerprints,
+            "backend": self.backend.name,
         }
+        for key in ("ssh_config", "private_key", "known_hosts"):  # the lab backend's SSH material
+            value = getattr(self.backend, key, None)
+            if value:
+                data[key] = str(value)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
