@@ -441,6 +441,7 @@ class _Runner:
         self.task_timeout = task_timeout
         self.sessions = _SessionPool(main, max(1, self.nodes.concurrency))
         self.template_vifs_wrong = False
+        self.provision_sr_uuid = ""  # resolved once, before the workers start
         self._vbd_cache: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -581,15 +582,9 @@ class _Runner:
     def _provision_sr(self, disks: str) -> str:
         """xe vm-install rewrites an empty ``sr`` in the provision spec to the default SR uuid;
         an API client must do the same (else UUID_INVALID)."""
-        sr_uuid = self.nodes.sr
-        if sr_uuid and not re.fullmatch(r"[0-9a-f-]{36}", sr_uuid):
-            sr_uuid = ""
-        if not sr_uuid:
-            default = self.view.pool.get("default_SR", NULL)
-            if default in (NULL, ""):
-                return disks
-            sr_uuid = str(self.main.call("SR.get_uuid", default))
-        return re.sub(r'sr=""', f'sr="{sr_uuid}"', disks)
+        if not self.provision_sr_uuid:
+            return disks
+        return disks.replace('sr=""', f'sr="{self.provision_sr_uuid}"')
 
     def _size(self, x: Xapi, vm: str, rec: dict[str, Any]) -> None:
         mem = self.nodes.memory
@@ -801,6 +796,16 @@ def _plan_and_apply(xapi: Xapi, spec: CloudSpec, desired: int, view: PoolView, *
                      template=template, network_ref=network_ref, task_timeout=task_timeout)
     runner.sessions = sessions
     runner.template_vifs_wrong = template_vifs_wrong
+    if 'sr=""' in str((template.get("other_config") or {}).get("disks", "")):
+        sr = spec.nodes.sr
+        if sr and not re.fullmatch(r"[0-9a-f-]{36}", sr):
+            found = [r for r in xapi.call("SR.get_by_name_label", sr)]
+            if len(found) != 1:
+                raise SpecError(f"nodes.sr: {len(found)} SRs are named {sr!r}; give the uuid")
+            sr = str(xapi.call("SR.get_uuid", found[0]))
+        if not sr and view.pool.get("default_SR", NULL) not in (NULL, ""):
+            sr = str(xapi.call("SR.get_uuid", view.pool["default_SR"]))
+        runner.provision_sr_uuid = sr
     workers = max(1, spec.nodes.concurrency)
     work: dict[str, Callable[[Step], NodeResult]] = {
         "cleanup": runner.remove, "remove": runner.remove, "start": runner.start,

@@ -170,3 +170,16 @@ def test_expired_session_is_renewed(sim: SimServer) -> None:
         assert x.call("session.get_uuid", x.handle) != old
     finally:
         x.logout()
+
+
+def test_member_of_another_pool_is_refused_clearly(make_sim: Any) -> None:
+    sim = make_sim(hosts=4)
+    # host-4 joins host-3 behind xenctl's back: host-3 is now the master of a pool of two
+    s = sim.session("host-4")
+    s.xenapi.pool.join(sim.hosts[2].address, sim.username, sim.password)
+    spec = sim_spec(sim, **{"pool.members": [f"{h.address}:{sim.port}" for h in sim.hosts[1:3]]})
+    with pytest.raises(PoolError, match="master of a pool of 2 hosts"):
+        pool_create(spec.pool, Secret(sim.password))
+    spec = sim_spec(sim, **{"pool.members": [f"{sim.hosts[3].address}:{sim.port}"]})
+    with pytest.raises(PoolError, match="member of another pool"):
+        pool_create(spec.pool, Secret(sim.password))

@@ -236,3 +236,22 @@ def test_password_never_in_process_table_or_logs(pool3: SimServer, tmp_path: Pat
     assert not any(pool3.password in c for c in seen_cmdlines)
     assert "node-03" in out and "XenAPI calls" in out  # -vv logs and progress were produced
     assert pool3.password not in out
+
+
+def test_default_template_gets_sized_provisioned_and_a_vif(pool3: SimServer) -> None:
+    """A stock template: 2 vCPUs, no VIF, a provision spec with sr="" (as shipped)."""
+    stats = CallStats()
+    res = scale(pool3, 2, stats=stats, spec={"nodes.template": "Other install media",
+                                             "nodes.memory": "1536MiB", "nodes.vcpus": 1})
+    assert not res.failures, res.failures
+    st = fleet_state(pool3)
+    for rec in st["fleet"].values():
+        assert rec["VCPUs_max"] == "1" and rec["VCPUs_at_startup"] == "1"
+        assert rec["memory_dynamic_max"] == str(1536 * 1024**2)
+        assert rec["memory_static_max"] == str(1536 * 1024**2)
+        assert len(rec["VIFs"]) == 1 and len(rec["VBDs"]) == 1
+        assert "disks" not in rec["other_config"]  # provisioned
+    assert stats.counts["VIF.create"] == 2 and stats.counts["VM.set_memory_limits"] == 2
+    assert stats.counts["VM.set_VCPUs_at_startup"] == 2
+    scale(pool3, 0, spec={"nodes.template": "Other install media"})
+    assert fleet_state(pool3)["fleet"] == {}
