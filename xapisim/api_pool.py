@@ -3,6 +3,7 @@ emergency_transition_to_master, recover_slaves, sync_database)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from . import errors
@@ -201,10 +202,7 @@ def pool_eject(m: XapiModel, ctx: Ctx, host: str) -> str:
         db.destroy("host_metrics", metrics)
     # the ejected host reboots as a fresh standalone master (its local disks are lost)
     fresh = Database()
-    spec = node.spec
-    spec.shared_sr = False
-    spec.node_template = False
-    build_host(fresh, spec)
+    build_host(fresh, dataclasses.replace(node.spec, shared_sr=False, node_template=False))
     m.refresh_allowed(fresh)
     node.role = "master"
     node.master_address = ""

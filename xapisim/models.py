@@ -131,6 +131,28 @@ class XapiModel:
                     if node.is_master and node.alive:
                         self.sync_database(node)
 
+    def reset(self) -> None:
+        """Back to N fresh standalone hosts (moto's reset()): guests destroyed, sessions gone."""
+        with self.lock:
+            uuids = {rec["uuid"] for db in self.live_pool_dbs() for _, rec in db.all("VM")
+                     if not rec["is_control_domain"]}
+            for node in self.nodes.values():
+                db = Database()
+                build_host(db, node.spec)
+                self.refresh_allowed(db)
+                node.role, node.master_address, node.db, node.replica = "master", "", db, None
+                node.local_sessions.clear()
+            self.registrations.clear()
+            self.notify()
+        for uuid in uuids:
+            try:
+                self.backend.destroy(uuid)
+            except Exception:  # a guest that never started
+                log.debug("backend destroy %s failed during reset", uuid, exc_info=True)
+        for node in self.nodes.values():
+            if not node.alive:
+                self.revive_host(node.name)
+
     def stop(self) -> None:
         self.stopping.set()
         with self.cond:

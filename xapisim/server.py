@@ -448,6 +448,11 @@ class SimServer:
                 return h.name
         return self.hosts[0].name
 
+    def reset(self) -> None:
+        """All hosts fresh and standalone again, faults cleared (same addresses, port, certificates)."""
+        self.faults.clear()
+        self.model.reset()
+
     def kill_host(self, name: str) -> None:
         self.model.kill_host(self.host(name).name)
 

@@ -196,3 +196,19 @@ def test_eject_and_designate_new_master(sim: SimServer) -> None:
     pool = x2.pool.get_all()[0]
     assert x2.pool.get_master(pool) == hosts["host-2"]
     assert len(x2.VM.get_by_name_label("pinned")) == 1
+
+
+def test_reset_returns_to_standalone_hosts(sim: SimServer) -> None:
+    join_all(sim)
+    x = sim.session("host-1").xenapi
+    vm = new_vm(x, "gone")
+    x.VM.start(vm, False, False)
+    sim.faults.fail("VM.start", "HOST_NOT_LIVE", [])
+    sim.kill_host("host-3")
+    sim.reset()
+    assert not sim.backend.running  # type: ignore[attr-defined]
+    for h in sim.hosts:
+        xs = sim.session(h.name).xenapi
+        assert len(xs.host.get_all()) == 1
+        assert xs.VM.get_by_name_label("gone") == []
+    assert sim.faults.rules == []
