@@ -45,3 +45,32 @@ def test_up_resumes_and_down_removes_the_fleet(sim: SimServer, tmp_path: Path) -
     res = down(spec, pw, inventory_path=inv, progress=lines.append)
     assert res.changed and fleet_state(sim)["fleet"] == {}
     assert yaml.safe_load(inv.read_text())["all"]["children"]["nodes"]["hosts"] == {}
+
+
+@pytest.mark.lab
+def test_up_sim_lab_backend_nodes_are_real_ssh_hosts(tmp_path: Path) -> None:
+    """The fleet on xapisim's lab backend: each node VM is a lab host with sshd; the inventory
+    xenctl writes reaches it over real SSH with the lab's key."""
+    import subprocess
+
+    from xenctl.sim import sim_cloud
+
+    inv = tmp_path / "hosts.yml"
+    with sim_cloud(2, backend="lab") as sc:
+        res = up(sc.spec, sc.password, inventory_path=inv, skip={"deploy", "smoke"},
+                 progress=lambda _m: None, deploy=sc.deploy)
+        assert res.changed
+        doc = yaml.safe_load(inv.read_text())["all"]["children"]
+        hosts = {**doc["nodes"]["hosts"], **doc["workstation"]["hosts"]}
+        assert sorted(hosts) == ["node-01", "node-02", "workstation"]
+        for name, hv in hosts.items():
+            out = subprocess.run(
+                ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                 "-o", f"UserKnownHostsFile={sc.deploy.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                 "-i", hv["ansible_ssh_private_key_file"], f"{hv['ansible_user']}@{hv['ansible_host']}",
+                 "hostname"], capture_output=True, text=True, timeout=30, check=False)
+            assert out.returncode == 0, (name, out.stderr)
+        lab = sc.sim.backend.lab
+        prefix = lab.prefix
+    assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                        text=True, check=True).stdout  # nothing left behind
