@@ -255,3 +255,21 @@ def test_default_template_gets_sized_provisioned_and_a_vif(pool3: SimServer) -> 
     assert stats.counts["VM.set_VCPUs_at_startup"] == 2
     scale(pool3, 0, spec={"nodes.template": "Other install media"})
     assert fleet_state(pool3)["fleet"] == {}
+
+
+def test_ip_never_in_cidr_times_out_and_the_half_built_node_is_destroyed(pool3: SimServer) -> None:
+    baseline = fleet_state(pool3)
+    res = scale(pool3, 2, spec={"nodes.cidr": "192.0.2.0/24", "nodes.ip_timeout": 2})
+    assert len(res.failures) == 2
+    assert all("timed out after 2s waiting for node-0" in f.error and "192.0.2.0/24" in f.error
+               for f in res.failures)
+    st = fleet_state(pool3)
+    assert st["fleet"] == {} and st["strays"] == baseline["strays"] and st["journal"] == {}
+    assert st["loose_vdis"] == baseline["loose_vdis"]
+    runner = CliRunner().invoke(cli, [
+        "--master", f"{pool3.hosts[0].address}:{pool3.port}", "scale-nodes", "1"],
+        env={"XENCTL_PASSWORD": pool3.password, "XENCTL_CA_FILE": pool3.ca_file,
+             "XENCTL_TEMPLATE": "CentOS 7 (medstream node)", "XENCTL_CIDR": "192.0.2.0/24",
+             "XENCTL_IP_TIMEOUT": "1"})
+    assert runner.exit_code == 1
+    assert "xenctl: error: 1 node(s) failed; rerun to converge" in runner.output
