@@ -12,12 +12,13 @@ generically from the datamodel; custom messages by handlers registered with ``@i
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import errors, wire
+from . import errors, typecheck, wire
 from .datamodel import Message, load
 from .db import RELATIONS, Database, coerce
 from .models import EMERGENCY_CALLS, Ctx, XapiModel
@@ -32,6 +33,9 @@ READ_KINDS = {"getter", "get_record", "get_by_uuid", "get_by_name_label", "get_a
 CANCELLABLE = {"VM.clone", "VM.copy", "VM.start", "VM.start_on", "VM.resume", "VM.resume_on",
                "VM.clean_shutdown", "VM.shutdown", "VM.pool_migrate", "VM.provision", "VDI.create"}
 GENERIC_KINDS = READ_KINDS | {"setter", "add", "remove", "constructor", "destructor"}
+
+
+CHECK_RESULTS = os.environ.get("XAPISIM_CHECK_RESULTS", "1") != "0"
 
 
 class DropConnection(Exception):
@@ -357,6 +361,8 @@ class Dispatcher:
         handler = resolve(msg)
         if handler is None:
             raise errors.failure("INTERNAL_ERROR", f"xapisim does not implement {name}")
+        if CHECK_RESULTS:
+            handler = _checked(msg, handler)
         if is_async:
             return self._run_async(ctx, method, handler, coerced)
         with m.lock:
@@ -386,6 +392,16 @@ class Dispatcher:
 
         threading.Thread(target=run, name=f"xapisim-{method}", daemon=True).start()
         return task
+
+
+def _checked(msg: Message, handler: Handler) -> Handler:
+    def run(m: XapiModel, ctx: Ctx, *args: Any) -> Any:
+        value = handler(m, ctx, *args)
+        issue = typecheck.problem(msg.result, value, msg.wire_name)
+        if issue:
+            raise errors.failure("INTERNAL_ERROR", f"xapisim bug: {issue}")
+        return value
+    return run
 
 
 def _empty_db() -> Database:

@@ -201,3 +201,14 @@ def test_async_variants_exist_exactly_for_async_messages(world: tuple[SimServer,
     task = x.Async.VM.get_possible_hosts(vm)
     assert task.startswith("OpaqueRef:")
     assert failure(x.Async.VM.get_name_label, vm)[0] == "Fault"
+
+
+def test_result_checker_catches_wrong_shapes() -> None:
+    from xapisim import typecheck
+    assert typecheck.problem("int", 5) is None
+    assert typecheck.problem("int", "5") is not None
+    assert typecheck.problem("bool", 1) is not None
+    assert typecheck.problem("VM ref set", ["OpaqueRef:a", "x"]) is not None
+    assert typecheck.problem("(string -> string) map", {"a": 1}) is not None
+    assert typecheck.problem("enum vm_power_state", "running") is not None
+    assert typecheck.problem("void", "") is None
