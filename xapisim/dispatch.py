@@ -287,15 +287,21 @@ class Dispatcher:
         self.faults = faults
         self.on_kill_request: Callable[[str], None] = model.kill_host
 
+    # simulator bugs seen by any dispatcher in this process (tests assert it stays empty)
+    bugs: list[str] = []
+
     def handle(self, node_name: str, method: str, params: tuple[Any, ...]) -> dict[str, Any]:
         try:
             return wire.success(self._dispatch(node_name, method, params))
         except errors.XenAPIError as e:
+            if e.code == "INTERNAL_ERROR" and e.params and e.params[0].startswith("xapisim bug"):
+                Dispatcher.bugs.append(f"{method}: {e.params[0]}")
             return wire.failure(e.description)
         except DropConnection:
             raise
         except Exception as e:  # a simulator bug: report it the way xapi reports OCaml exceptions
             log.exception("internal error in %s", method)
+            Dispatcher.bugs.append(f"{method}: {type(e).__name__}: {e}")
             return wire.failure(["INTERNAL_ERROR", f"{type(e).__name__}: {e}"])
 
     def _session_ctx(self, node_name: str, session: Any, msg: Message | None) -> Ctx:
@@ -383,9 +389,12 @@ class Dispatcher:
                 try:
                     value = handler(m, ctx, *args)
                 except errors.XenAPIError as e:
+                    if e.code == "INTERNAL_ERROR" and e.params and e.params[0].startswith("xapisim bug"):
+                        Dispatcher.bugs.append(f"{method}: {e.params[0]}")
                     m.finish_task(db, task, error=e)
                 except Exception as e:
                     log.exception("internal error in %s", method)
+                    Dispatcher.bugs.append(f"{method}: {type(e).__name__}: {e}")
                     m.finish_task(db, task, error=errors.failure("INTERNAL_ERROR", f"{type(e).__name__}: {e}"))
                 else:
                     m.finish_task(db, task, value=value)

@@ -28,3 +28,12 @@ def xapi(sim: SimServer) -> Iterator[Any]:
             pass
 
 
+
+
+@pytest.fixture(autouse=True)
+def no_simulator_bugs() -> Iterator[None]:
+    """Every test also proves the simulator raised no error of the wrong shape and hit no bug."""
+    from xapisim.dispatch import Dispatcher
+    Dispatcher.bugs.clear()
+    yield
+    assert Dispatcher.bugs == []
