@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import api_core, api_devices, api_pool, api_vm  # noqa: F401  (register handlers)
+from . import api_core, api_devices, api_more, api_pool, api_vm  # noqa: F401  (register handlers)
 from .datamodel import load
 from .dispatch import HANDLERS, is_implemented
 

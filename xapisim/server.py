@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from . import api_core, api_devices, api_pool, api_vm  # noqa: F401  (register handlers)
+from . import api_core, api_devices, api_more, api_pool, api_vm  # noqa: F401  (register handlers)
 from .backends import GuestBackend, load_backend
 from .db import new_uuid
 from .dispatch import Dispatcher, DropConnection

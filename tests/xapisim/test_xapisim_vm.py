@@ -403,3 +403,77 @@ def test_concurrent_starts_reserve_memory() -> None:
             assert len(running) == 6
             vbds = [b for v in running for b in x.VM.get_VBDs(v)]
             assert all(x.VBD.get_currently_attached(b) for b in vbds)
+
+
+def test_devices_plug_cd_vdi_ops_snapshot(xapi: Any) -> None:
+    x = xapi
+    vm = new_vm(x, "more")
+    vbd = x.VM.get_VBDs(vm)[0]
+    vif = x.VM.get_VIFs(vm)[0]
+    assert failure(x.VBD.plug, vbd) == ["VM_BAD_POWER_STATE", vm, "running", "halted"]
+    x.VM.start(vm, False, False)
+    assert failure(x.VIF.plug, vif) == ["DEVICE_ALREADY_ATTACHED", vif]
+    x.VIF.unplug(vif)
+    assert failure(x.VIF.unplug, vif) == ["DEVICE_ALREADY_DETACHED", vif]
+    x.VIF.plug(vif)
+    assert failure(x.VBD.eject, vbd) == ["VBD_NOT_REMOVABLE_MEDIA", vbd]
+    cd = x.VBD.create({"VM": vm, "VDI": "OpaqueRef:NULL", "userdevice": "3", "bootable": False,
+                       "mode": "RO", "type": "CD", "empty": True, "other_config": {},
+                       "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    assert failure(x.VBD.eject, cd) == ["VBD_IS_EMPTY", cd]
+    disk = x.VBD.get_VDI(vbd)
+    x.VBD.insert(cd, disk)
+    assert failure(x.VBD.insert, cd, disk) == ["VBD_NOT_EMPTY", cd]
+    x.VBD.eject(cd)
+    sr = x.VDI.get_SR(disk)
+    clone = x.VDI.clone(disk, {})
+    assert x.VDI.get_SR(clone) == sr and x.VDI.get_virtual_size(clone) == x.VDI.get_virtual_size(disk)
+    local = x.SR.get_by_name_label("Local storage")[0]
+    used = int(x.SR.get_physical_utilisation(local))
+    copy = x.VDI.copy(disk, local, "OpaqueRef:NULL", "OpaqueRef:NULL")
+    assert x.VDI.get_SR(copy) == local and int(x.SR.get_physical_utilisation(local)) > used
+    size = int(x.VDI.get_virtual_size(copy))
+    x.VDI.resize(copy, str(size * 2))
+    assert x.VDI.get_virtual_size(copy) == str(size * 2)
+    assert failure(x.VDI.resize, copy, str(size))[0] == "SR_BACKEND_FAILURE_79"
+    snap = x.VM.snapshot(vm, "snap", [])
+    rec = x.VM.get_record(snap)
+    assert rec["is_a_snapshot"] and rec["snapshot_of"] == vm and rec["is_a_template"]
+    assert snap in x.VM.get_snapshots(vm)
+    assert failure(x.VM.start, snap, False, False) == ["VM_IS_SNAPSHOT", snap, "start"]
+
+
+def test_sr_create_and_host_power(sim: SimServer) -> None:
+    join_all(sim)
+    x = sim.session("host-1").xenapi
+    hosts = {x.host.get_name_label(h): h for h in x.host.get_all()}
+    sr = x.SR.create(hosts["host-2"], {"server": "10.213.0.9", "serverpath": "/sr2"}, "0", "NFS 2", "",
+                     "nfs", "user", True, {})
+    assert len(x.SR.get_PBDs(sr)) == 3
+    assert failure(x.SR.create, hosts["host-1"], {}, "0", "x", "", "zfs", "user", False, {}) == [
+        "SR_UNKNOWN_DRIVER", "zfs"]
+    assert failure(x.SR.forget, sr) == ["SR_HAS_PBD", sr]
+    for pbd in x.SR.get_PBDs(sr):
+        x.PBD.unplug(pbd)
+    x.SR.forget(sr)
+    # evacuate then reboot host-3
+    vm = new_vm(x, "evac")
+    x.VM.start_on(vm, hosts["host-3"], False, False)
+    assert failure(x.host.reboot, hosts["host-3"]) == ["HOST_NOT_DISABLED"]
+    x.host.disable(hosts["host-3"])
+    assert failure(x.host.reboot, hosts["host-3"]) == ["HOST_HAS_RESIDENT_VMS", hosts["host-3"]]
+    assert x.host.get_vms_which_prevent_evacuation(hosts["host-3"]) == {}
+    x.host.evacuate(hosts["host-3"])
+    assert x.VM.get_resident_on(vm) in (hosts["host-1"], hosts["host-2"])
+    x.host.reboot(hosts["host-3"])
+    metrics = x.host.get_metrics(hosts["host-3"])
+    token = event_from(x, [f"host_metrics/{metrics}"], "", 0.0)["token"]
+    seen = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and seen[-2:] != [False, True]:
+        result = event_from(x, [f"host_metrics/{metrics}"], token, 2.0)
+        token = result["token"]
+        seen += [e["snapshot"]["live"] for e in result["events"]]
+    assert seen[-2:] == [False, True]
+    assert x.host.get_enabled(hosts["host-3"]) is True
+    assert failure(x.host.power_on, hosts["host-3"]) == ["HOST_POWER_ON_MODE_DISABLED"]
