@@ -151,6 +151,59 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._send(404, b"<html><body><h1>HTTP 404 Not Found</h1></body></html>", "text/html")
 
+    def do_PUT(self) -> None:
+        """``PUT /import_raw_vdi?vdi=<ref>&format=raw`` (session_id as query arg or cookie): the
+        bytes are written to ``<workdir>/vdi-<uuid>.raw`` (``sim.vdi_file(uuid)``)."""
+        from urllib.parse import parse_qs, urlsplit
+        sim = self.server.sim
+        node = sim.model.nodes[self.server.node_name]
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        cookies = dict(c.strip().split("=", 1) for c in self.headers.get("Cookie", "").split(";")
+                       if "=" in c)
+        session = query.get("session_id") or cookies.get("session_id", "")
+        if url.path != "/import_raw_vdi":
+            self._discard_body()
+            self._send(404, b"<html><body><h1>HTTP 404 Not Found</h1></body></html>", "text/html")
+            return
+        with sim.model.lock:
+            db = node.db if node.is_master else None
+            ok_session = db is not None and db.exists("session", session)
+            vdi = query.get("vdi", "")
+            uuid = db.get("VDI", vdi)["uuid"] if ok_session and db is not None and db.exists("VDI", vdi) else ""
+            size = db.get("VDI", vdi)["virtual_size"] if uuid and db is not None else 0
+        if not ok_session:
+            self._discard_body()
+            self._send(403, b"<html><body><h1>HTTP 403 Forbidden</h1></body></html>", "text/html")
+            return
+        if not uuid or query.get("format", "raw") not in ("raw", "vhd"):
+            self._discard_body()
+            self._send(404, b"<html><body><h1>HTTP 404 Not Found</h1></body></html>", "text/html")
+            return
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        if length > size:
+            self._discard_body()
+            self._send(500, b"<html><body><h1>HTTP 500 Internal Server Error</h1></body></html>",
+                       "text/html")
+            return
+        with open(sim.vdi_file(uuid), "wb") as out:
+            left = length
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+        self._send(200, b"", "text/plain")
+
+    def _discard_body(self) -> None:
+        left = int(self.headers.get("Content-Length", "0") or 0)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+
     def do_POST(self) -> None:
         sim = self.server.sim
         node = sim.model.nodes[self.server.node_name]
@@ -402,6 +455,8 @@ class SimServer:
                                                       for ext in ("crt", "key")]
             for name in names:
                 (self.workdir / name).unlink(missing_ok=True)
+            for leftover in self.workdir.glob("vdi-*.raw"):
+                leftover.unlink(missing_ok=True)
         self._started = False
 
     def __enter__(self) -> SimServer:
@@ -447,6 +502,11 @@ class SimServer:
             if node.is_master and node.alive:
                 return h.name
         return self.hosts[0].name
+
+    def vdi_file(self, vdi_uuid: str) -> Path:
+        """Where bytes PUT to /import_raw_vdi for a VDI are kept (removed by stop())."""
+        assert self.workdir is not None
+        return self.workdir / f"vdi-{vdi_uuid}.raw"
 
     def reset(self) -> None:
         """All hosts fresh and standalone again, faults cleared (same addresses, port, certificates)."""

@@ -181,3 +181,26 @@ def test_jsonrpc_v1_and_v2_share_sessions_with_xmlrpc(sim: SimServer) -> None:
     assert bad["error"] == {"code": 1, "message": "HANDLE_INVALID", "data": ["VM", "OpaqueRef:x"]}
     v1 = jsonrpc(sim, {"method": "VM.get_record", "params": [ref, "OpaqueRef:x"], "id": 5})
     assert v1["result"] is None and v1["error"] == ["HANDLE_INVALID", "VM", "OpaqueRef:x"]
+
+
+def test_import_raw_vdi_put(sim: SimServer) -> None:
+    s = sim.session("host-1")
+    x = s.xenapi
+    sr = x.SR.get_by_name_label("Local storage")[0]
+    vdi = x.VDI.create({"SR": sr, "virtual_size": str(10 * 1024 * 1024), "type": "user",
+                        "sharable": False, "read_only": False, "other_config": {},
+                        "name_label": "config-drive"})
+    payload = b"cidata" * 1000
+
+    def put(query: str, body: bytes) -> int:
+        conn = http.client.HTTPSConnection(sim.host("host-1").address, sim.port,
+                                           context=sim.ssl_context(), timeout=10)
+        conn.request("PUT", f"/import_raw_vdi?{query}", body)
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    assert put(f"vdi={vdi}&format=raw&session_id={s.handle}", payload) == 200
+    assert sim.vdi_file(x.VDI.get_uuid(vdi)).read_bytes() == payload
+    assert put(f"vdi={vdi}&format=raw&session_id=OpaqueRef:bad", payload) == 403
+    assert put(f"vdi=OpaqueRef:nope&format=raw&session_id={s.handle}", payload) == 404
