@@ -73,7 +73,8 @@ def check_operation(db: Database, vm: str, op: str) -> errors.XenAPIError | None
         if not together:
             return errors.failure("OTHER_OPERATION_IN_PROGRESS", "VM", vm, other, task)
     if rec["is_a_template"] and not rec["is_a_snapshot"]:
-        ok = op in TEMPLATE_OPS or (op in NON_DEFAULT_TEMPLATE_OPS and not rec["is_default_template"])
+        default = rec["is_default_template"] or rec["other_config"].get("default_template") == "true"
+        ok = op in TEMPLATE_OPS or (op in NON_DEFAULT_TEMPLATE_OPS and not default)
         if not ok:
             return errors.failure("VM_IS_TEMPLATE", vm, op)
     if rec["is_a_snapshot"] and op not in ("clone", "copy", "export", "destroy", "revert"):
@@ -617,10 +618,10 @@ def vm_power_state_reset(m: XapiModel, ctx: Ctx, vm: str) -> str:
 @implements("VM.destroy")
 def vm_destroy(m: XapiModel, ctx: Ctx, vm: str) -> str:
     db = ctx.db
-    rec = db.get("VM", vm)
-    if rec["is_default_template"]:
+    assert_op(db, vm, "destroy")  # a default template fails here: VM_IS_TEMPLATE [vm, "destroy"]
+    if db.get("VM", vm)["other_config"].get("default_template") == "true":
+        # xapi_vm_helpers.destroy: reached when a default template was turned into a plain VM
         raise errors.failure("VM_CANNOT_DELETE_DEFAULT_TEMPLATE", vm)
-    assert_op(db, vm, "destroy")
     m.delay("VM.destroy")
     if not db.exists("VM", vm):
         return ""

@@ -89,6 +89,8 @@ def test_power_states_allowed_operations_and_check_order(xapi: Any) -> None:
     tmpl = x.VM.get_by_name_label(NODE_TEMPLATE)[0]
     assert failure(x.VM.start, tmpl, False, False) == ["VM_IS_TEMPLATE", tmpl, "start"]
     default = x.VM.get_by_name_label("CentOS 7")[0]
+    assert failure(x.VM.destroy, default) == ["VM_IS_TEMPLATE", default, "destroy"]
+    x.VM.set_is_a_template(default, False)  # still carries other_config:default_template=true
     assert failure(x.VM.destroy, default) == ["VM_CANNOT_DELETE_DEFAULT_TEMPLATE", default]
     vm = new_vm(x, "life")
     assert failure(x.VM.provision, vm) == ["PROVISION_ONLY_ALLOWED_ON_TEMPLATE"]
