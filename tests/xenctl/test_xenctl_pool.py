@@ -75,6 +75,10 @@ def test_member_login_follows_host_is_slave_to_master(pool3: SimServer) -> None:
 def test_planned_failover_and_eject(pool3: SimServer) -> None:
     spec = sim_spec(pool3)
     pw = Secret(pool3.password)
+    stats = CallStats()
+    plan = pool_failover(spec.pool, pw, to="host-3", dry_run=True, stats=stats)
+    assert plan.changed and "designate host-3" in plan.actions[0]
+    assert [m for m in stats.counts if not is_read_only(m) and m != "session.logout"] == []
     res = pool_failover(spec.pool, pw, to="host-3")
     assert res.changed and res.master == "host-3"
     x = connect(spec.pool, pw)  # spec still names host-1: followed to host-3
