@@ -317,6 +317,12 @@ class Dispatcher:
                 raise errors.failure("HOST_IS_SLAVE", node.master_address)
             return Ctx(node, db, session, local=True)
         if not node.is_master:
+            # session_check.ml: the session is read from the master's DB first (SESSION_INVALID if
+            # unknown), then a non-pool session on a slave fails with HOST_IS_SLAVE
+            master = m.node_by_address(node.master_address)
+            if master is not None and master.alive and master.is_master and master.db is not None \
+                    and session not in master.db.tables["session"]:
+                raise errors.failure("SESSION_INVALID", session)
             raise errors.failure("HOST_IS_SLAVE", node.master_address)
         assert node.db is not None
         if session not in node.db.tables["session"]:

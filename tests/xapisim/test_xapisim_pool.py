@@ -212,3 +212,13 @@ def test_reset_returns_to_standalone_hosts(sim: SimServer) -> None:
         assert len(xs.host.get_all()) == 1
         assert xs.VM.get_by_name_label("gone") == []
     assert sim.faults.rules == []
+
+
+def test_slave_checks_the_session_before_refusing(sim: SimServer) -> None:
+    """session_check.ml: unknown session -> SESSION_INVALID; a master session -> HOST_IS_SLAVE."""
+    join_all(sim)
+    master = sim.session("host-1")
+    slave = sim.session("host-2", login=False)
+    raw = getattr(slave, "VM.get_all")
+    assert raw("OpaqueRef:bogus")["ErrorDescription"] == ["SESSION_INVALID", "OpaqueRef:bogus"]
+    assert raw(master.handle)["ErrorDescription"] == ["HOST_IS_SLAVE", sim.hosts[0].address]
