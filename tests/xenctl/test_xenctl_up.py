@@ -48,7 +48,8 @@ def test_up_resumes_and_down_removes_the_fleet(sim: SimServer, tmp_path: Path) -
 
 
 @pytest.mark.lab
-def test_up_sim_lab_backend_nodes_are_real_ssh_hosts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nodes", [2, pytest.param(30, marks=pytest.mark.slow)])
+def test_up_sim_lab_backend_nodes_are_real_ssh_hosts(tmp_path: Path, nodes: int) -> None:
     """The fleet on xapisim's lab backend: each node VM is a lab host with sshd; the inventory
     xenctl writes reaches it over real SSH with the lab's key."""
     import subprocess
@@ -56,13 +57,15 @@ def test_up_sim_lab_backend_nodes_are_real_ssh_hosts(tmp_path: Path) -> None:
     from xenctl.sim import sim_cloud
 
     inv = tmp_path / "hosts.yml"
-    with sim_cloud(2, backend="lab") as sc:
+    with sim_cloud(nodes, backend="lab") as sc:
         res = up(sc.spec, sc.password, inventory_path=inv, skip={"deploy", "smoke"},
                  progress=lambda _m: None, deploy=sc.deploy)
         assert res.changed
         doc = yaml.safe_load(inv.read_text())["all"]["children"]
         hosts = {**doc["nodes"]["hosts"], **doc["workstation"]["hosts"]}
-        assert sorted(hosts) == ["node-01", "node-02", "workstation"]
+        assert sorted(hosts) == [f"node-{i:02d}" for i in range(1, nodes + 1)] + ["workstation"]
+        per_host = [hv["xen_host"] for hv in doc["nodes"]["hosts"].values()]
+        assert max(map(per_host.count, set(per_host))) - min(map(per_host.count, set(per_host))) <= 1
         for name, hv in hosts.items():
             out = subprocess.run(
                 ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
