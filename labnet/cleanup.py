@@ -38,6 +38,10 @@ def teardown(prefix: str, st: dict[str, Any] | None) -> list[str]:
     for name in sorted(links, key=lambda n: n.endswith("br")):  # veths first, bridge last
         _sys.ip("link", "del", name, check=False)
         removed.append(f"link {name}")
+    if st and st.get("labdir"):
+        from .lab import close_ssh_masters
+        ips = [h["ip"] for h in st.get("hosts", {}).values() if "ip" in h]
+        close_ssh_masters(Path(st["labdir"]) / "ssh_config", ips)
     dirs = {_state.STATE_ROOT / prefix}
     if st and st.get("labdir"):
         labdir = Path(st["labdir"])

@@ -10,7 +10,9 @@ Topology of a lab with prefix ``ms1a2b`` and subnet ``10.213.77.0/24``::
 Each host runs ``ip netns exec NS unshare --mount --uts --propagation private`` with overlays on
 /etc /srv /opt /root /var (upper dirs under the lab directory), a tmpfs on /run, its own hostname
 and ``sshd -D`` (key-only root login with the lab key, one host key shared by the lab). Hosts have
-no default route: they only reach each other and the root namespace through the bridge.
+a default route via the bridge address (so tools that look for a default interface, such as
+Ansible's ``ansible_default_ipv4``, find eth0), but the bridge never forwards
+(``net.ipv4.conf.<bridge>.forwarding=0``): hosts reach each other and the root namespace only.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ class Lab:
             f"addr add {self.gateway_ip}/{self.subnet.prefixlen} dev {self.bridge}",
             f"link set {self.bridge} up",
         ])
+        # never forward what lab hosts send elsewhere (their default route points at the bridge)
+        Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/forwarding").write_text("0\n")
         self.netem_available = shaping.netem_available(self.bridge)
         host_pub = self.host_key.with_suffix(".pub").read_text().split()
         pattern = str(self.subnet.network_address).rsplit(".", 1)[0] + ".*"
@@ -286,13 +290,15 @@ class Lab:
         try:
             _sys.ip_batch([
                 f"netns add {host.netns}",
-                f"link add {host.veth} type veth peer name eth0 netns {host.netns}",
+                f"link add {host.veth} type veth peer name eth0 address {mac_for(ip)} "
+                f"netns {host.netns}",
                 f"link set {host.veth} master {self.bridge} up",
             ])
             _sys.ip_batch([
                 "link set lo up",
                 f"addr add {ip}/{self.subnet.prefixlen} dev eth0",
                 "link set eth0 up",
+                f"route add default via {self.gateway_ip} dev eth0",
             ], netns=host.netns)
             self._prepare_disk(host)
         except BaseException:
@@ -410,6 +416,7 @@ class Lab:
                 host.proc.wait(timeout=5)
         if veth in _sys.link_names():
             _sys.ip("link", "del", veth, check=False)
+        close_ssh_masters(self.ssh_config, [ip])
         with self._lock:
             if keep_disk:
                 self._kept_ips[name] = ip
@@ -503,6 +510,24 @@ class Lab:
         if not self.netem_available:
             lines.append("  " + shaping.NETEM_MISSING)
         return "\n".join(lines)
+
+
+def mac_for(ip: str) -> str:
+    """A stable, locally administered MAC per address (02:6d:73 = "ms", then octets 2-4), so a host
+    re-created with the same address keeps its MAC and nobody's ARP cache goes stale."""
+    o = [int(x) for x in ip.split(".")]
+    return f"02:6d:73:{o[1]:02x}:{o[2]:02x}:{o[3]:02x}"
+
+
+def close_ssh_masters(ssh_config: Path, ips: Iterable[str]) -> None:
+    """Ask the ControlPersist masters of these hosts to exit (a master of a dead host would make
+    the next ssh to a re-created host with the same address hang)."""
+    if not ssh_config.exists():
+        return
+    for ip in ips:
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            subprocess.run(["ssh", "-F", str(ssh_config), "-O", "exit", ip],
+                           capture_output=True, timeout=5)
 
 
 def _ssh_banner(ip: str) -> bool:
