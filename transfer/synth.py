@@ -281,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         paths = generate_series(
-            args.out, slices=args.slices, rows=args.rows, cols=args.cols, kind=args.kind,
+            args.out,
+            slices=args.slices,
+            rows=args.rows,
+            cols=args.cols,
+            kind=args.kind,
             seed=args.seed,
         )
     except SynthError as exc:

@@ -1,0 +1,983 @@
+"""The workstation side: upload a study directory to nodes, and list / stat / get from them.
+
+A thin asyncio adapter around :mod:`transfer.protocol`. File reads, hashing, DICOM parsing and
+compression run in worker threads; memory is bounded by the per-connection window of files in
+flight (headers only) and one chunk per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import ssl
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transfer import erl3d
+from transfer.config import NodeAddr
+from transfer.dicominfo import inspect_path
+from transfer.errors import (
+    AuthError,
+    NodeError,
+    NotFoundError,
+    ProtocolError,
+    RemoteProtocolError,
+    TransferError,
+    ValidationError,
+)
+from transfer.placement import place
+from transfer.protocol import (
+    NEED_DATA,
+    Ack,
+    BodyEncoder,
+    Bye,
+    Connection,
+    ConnectionClosed,
+    Data,
+    EndOfBody,
+    Error,
+    Event,
+    FileHeader,
+    Hello,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
+from transfer.storage import safe_name
+
+CHUNK = 1 << 20
+READ_SIZE = 1 << 18
+WINDOW = 16  # files in flight per connection (pipelining, no round trip per file)
+CONNECT_TIMEOUT = 10.0
+IO_TIMEOUT = 120.0
+_HIGH_WATER = 4 << 20
+
+
+# ---------------------------------------------------------------------------- TLS and auth
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How to reach nodes: a verifying TLS context (None = plaintext) and the token."""
+
+    ssl: ssl.SSLContext | None
+    token: str = ""
+
+    @classmethod
+    def plaintext(cls) -> Credentials:
+        return cls(None, "")
+
+
+def client_ssl_context(ca_file: str, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """Verify node certificates against ``ca_file`` (host name / IP SAN checked)."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransferError(f"cannot load TLS files ({ca_file} {cert}): {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def read_token(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise TransferError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------- local files
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    path: Path
+    name: str  # relative to the upload directory, POSIX
+    size: int
+    sha256: str
+    kind: Literal["dicom", "other"]
+    study: str = ""
+    series: str = ""
+    sop: str = ""
+
+    @property
+    def key(self) -> str:
+        """Placement key: the SOP Instance UID, or the content hash for other files."""
+        return self.sop or self.sha256
+
+
+@dataclass
+class ScanResult:
+    files: list[LocalFile] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (name, same sop as)
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb", buffering=0) as fp:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = fp.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def describe(path: Path, name: str, *, allow_other: bool) -> LocalFile:
+    """Validate one file (header-only DICOM parse) and hash it. Raises ValidationError."""
+    try:
+        info = inspect_path(path)
+    except ValidationError as exc:
+        if not allow_other:
+            raise
+        size, sha = _hash_file(path)
+        del exc
+        return LocalFile(path, name, size, sha, "other")
+    except OSError as exc:
+        raise ValidationError(f"cannot read: {exc.strerror or exc}") from None
+    size, sha = _hash_file(path)
+    return LocalFile(path, name, size, sha, "dicom", info.study_uid, info.series_uid, info.sop_uid)
+
+
+def walk(root: Path) -> list[tuple[Path, str]]:
+    if root.is_file():
+        return [(root, root.name)]
+    if not root.is_dir():
+        raise ValidationError(f"{root}: no such directory")
+    out: list[tuple[Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            p = Path(dirpath, f)
+            if p.is_file():
+                out.append((p, p.relative_to(root).as_posix()))
+    return out
+
+
+def scan(
+    root: str | os.PathLike[str], *, allow_other: bool = False, workers: int = 4
+) -> ScanResult:
+    """Walk ``root``, validate and hash every file in parallel threads."""
+    entries = walk(Path(root))
+    res = ScanResult()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
+        futs = [pool.submit(describe, p, n, allow_other=allow_other) for p, n in entries]
+        seen: dict[str, str] = {}
+        for (_, name), fut in zip(entries, futs, strict=True):
+            try:
+                lf = fut.result()
+            except ValidationError as exc:
+                res.rejected.append((name, str(exc)))
+                continue
+            if lf.kind == "dicom" and lf.sop in seen:
+                res.duplicates.append((name, seen[lf.sop]))
+                continue
+            if lf.kind == "dicom":
+                seen[lf.sop] = name
+            res.files.append(lf)
+    return res
+
+
+# ---------------------------------------------------------------------------- one connection
+
+
+class NodeSession:
+    """One authenticated connection to a node (for requests; uploads use :class:`_Uploader`)."""
+
+    def __init__(self, addr: NodeAddr, creds: Credentials) -> None:
+        self.addr = addr
+        self.creds = creds
+        self.conn = Connection(Role.CLIENT)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.node_name = ""
+        self._req = 0
+
+    async def open(self, timeout: float = CONNECT_TIMEOUT) -> NodeSession:
+        a = self.addr
+        try:
+            async with asyncio.timeout(timeout):
+                self.reader, self.writer = await asyncio.open_connection(
+                    a.host,
+                    a.port,
+                    ssl=self.creds.ssl,
+                    server_hostname=a.host if self.creds.ssl else None,
+                    limit=READ_SIZE * 4,
+                )
+                sock = self.writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.writer.transport.set_write_buffer_limits(high=_HIGH_WATER)
+                self.writer.write(self.conn.send(Hello(token=self.creds.token, client="transfer")))
+                ev = await self.next_event()
+        except TimeoutError:
+            await self.close()
+            raise NodeError(f"{a.label}: timed out connecting") from None
+        except ssl.SSLCertVerificationError as exc:
+            await self.close()
+            raise AuthError(f"{a.label}: TLS certificate rejected: {exc.verify_message}") from None
+        except (OSError, ssl.SSLError) as exc:
+            await self.close()
+            raise NodeError(f"{a.label}: cannot connect: {exc.strerror or exc}") from None
+        except BaseException:
+            await self.close()
+            raise
+        if isinstance(ev, Error):
+            await self.close()
+            if ev.code == "auth":
+                raise AuthError(f"{a.label}: {ev.message}")
+            raise NodeError(f"{a.label}: refused: {ev.message}")
+        if not isinstance(ev, Welcome):
+            await self.close()
+            raise NodeError(f"{a.label}: unexpected answer to hello")
+        self.node_name = ev.node
+        return self
+
+    async def next_event(self, timeout: float = IO_TIMEOUT) -> Event:
+        assert self.reader is not None
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                assert isinstance(ev, Event)
+                return ev
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_SIZE)
+            self.conn.receive_data(data)
+
+    async def close(self) -> None:
+        w = self.writer
+        self.writer = None
+        if w is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.conn.our_state.value == "ready":
+                w.write(self.conn.send(Bye()))
+        w.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(w.wait_closed(), 5)
+
+    async def __aenter__(self) -> NodeSession:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _send_request(self, op: str, args: dict[str, Any]) -> Response:
+        assert self.writer is not None
+        self._req += 1
+        self.writer.write(self.conn.send(Request(self._req, op, args)))
+        await self.writer.drain()
+        ev = await self.next_event()
+        if isinstance(ev, Error):
+            raise NodeError(f"{self.addr.label}: {ev.code}: {ev.message}")
+        if not isinstance(ev, Response):
+            raise RemoteProtocolError(
+                f"{self.addr.label}: expected a response, got {type(ev).__name__}"
+            )
+        return ev
+
+    async def call(self, op: str, **args: Any) -> Any:
+        resp = await self._send_request(op, args)
+        if not resp.ok:
+            if resp.error.startswith("no "):
+                raise NotFoundError(f"{self.addr.label}: {resp.error}")
+            raise NodeError(f"{self.addr.label}: {resp.error}")
+        return resp.result
+
+    async def get(self, dest: Path, **args: Any) -> dict[str, Any]:
+        """Fetch one object into ``dest`` (temp + rename), verifying size and SHA-256."""
+        resp = await self._send_request("get", args)
+        if not resp.ok:
+            raise NotFoundError(f"{self.addr.label}: {resp.error}")
+        meta: dict[str, Any] = resp.result
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        h = hashlib.sha256()
+        size = 0
+        loop = asyncio.get_running_loop()
+        try:
+            with tmp.open("wb") as fp:
+                while True:
+                    ev = await self.next_event()
+                    if isinstance(ev, Data):
+                        h.update(ev.data)
+                        size += len(ev.data)
+                        await loop.run_in_executor(None, fp.write, ev.data)
+                    elif isinstance(ev, EndOfBody):
+                        break
+                    else:
+                        raise RemoteProtocolError(f"unexpected {type(ev).__name__} in a get body")
+            if size != meta.get("size") or h.hexdigest() != meta.get("sha256"):
+                raise ValidationError(
+                    f"{dest.name}: retrieved bytes do not match the node's digest"
+                )
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return meta
+
+
+# ---------------------------------------------------------------------------- upload
+
+
+@dataclass
+class NodeStats:
+    node: str
+    assigned: int = 0
+    stored: int = 0
+    already: int = 0  # skipped by the resume check or acked "exists"
+    failed: int = 0
+    bytes: int = 0  # payload bytes acknowledged as stored by this node
+    wire_bytes: int = 0  # bytes on the wire (after compression)
+    started: float = 0.0
+    finished: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished - self.started, 0.0) if self.started else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        secs = self.seconds
+        return {
+            "node": self.node,
+            "files": self.stored,
+            "already": self.already,
+            "failed": self.failed,
+            "assigned": self.assigned,
+            "bytes": self.bytes,
+            "wire_bytes": self.wire_bytes,
+            "seconds": round(secs, 4),
+            "mb_per_s": round(self.bytes / 1e6 / secs, 2) if secs > 0 else 0.0,
+        }
+
+
+@dataclass
+class UploadReport:
+    nodes: list[NodeStats]
+    failed: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    seconds: float
+    scan_seconds: float
+    protocol: str
+    compression: str
+    replicas: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.rejected
+
+    def as_dict(self) -> dict[str, Any]:
+        total_bytes = sum(n.bytes for n in self.nodes)
+        return {
+            "ok": self.ok,
+            "protocol": self.protocol,
+            "compression": self.compression,
+            "replicas": self.replicas,
+            "seconds": round(self.seconds, 4),
+            "scan_seconds": round(self.scan_seconds, 4),
+            "total": {
+                "files": sum(n.stored for n in self.nodes),
+                "already": sum(n.already for n in self.nodes),
+                "failed": len(self.failed),
+                "rejected": len(self.rejected),
+                "bytes": total_bytes,
+                "mb_per_s": round(total_bytes / 1e6 / self.seconds, 2) if self.seconds > 0 else 0.0,
+            },
+            "nodes": [n.as_dict() for n in self.nodes],
+            "failed": self.failed,
+            "rejected": self.rejected,
+        }
+
+
+class Progress:
+    """Counts bytes and files; renders a one-line bar with throughput on a stream."""
+
+    def __init__(
+        self, total_files: int, total_bytes: int, stream: Any = None, enabled: bool = True
+    ) -> None:
+        self.total_files = total_files
+        self.total_bytes = total_bytes
+        self.files = 0
+        self.bytes = 0
+        self.sent = 0
+        self.t0 = time.monotonic()
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self._last = 0.0
+
+    def render(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self._last < 0.2:
+            return
+        self._last = now
+        el = max(now - self.t0, 1e-6)
+        frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
+        width = 30
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        rate = self.sent / 1e6 / el
+        line = (
+            f"\r[{bar}] {self.files}/{self.total_files} files "
+            f"{self.bytes / 1e6:7.1f}/{self.total_bytes / 1e6:.1f} MB {rate:7.1f} MB/s {el:5.1f}s"
+        )
+        self.stream.write(line + ("\n" if final else ""))
+        self.stream.flush()
+
+
+class _Uploader:
+    """Uploads one node's share over several pipelined connections, with retries."""
+
+    def __init__(
+        self,
+        addr: NodeAddr,
+        files: list[LocalFile],
+        creds: Credentials,
+        *,
+        connections: int,
+        compression: str,
+        retries: int,
+        progress: Progress,
+        failed: list[dict[str, str]],
+        resume: bool,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.addr = addr
+        self.creds = creds
+        self.connections = max(1, connections)
+        self.compression = compression
+        self.retries = retries
+        self.progress = progress
+        self.failed = failed
+        self.resume = resume
+        self.executor = executor
+        self.stats = NodeStats(addr.label, assigned=len(files))
+        self.queue: deque[LocalFile] = deque(files)
+        self.attempts: dict[str, int] = {}
+        self.outstanding = len(files)
+        self.last_error = ""
+
+    def _fail(self, lf: LocalFile, reason: str) -> None:
+        self.stats.failed += 1
+        self.stats.errors.append(f"{lf.name}: {reason}")
+        self.failed.append({"name": lf.name, "node": self.addr.label, "reason": reason})
+        self.outstanding -= 1
+        self.progress.files += 1
+        self.progress.bytes += lf.size
+
+    def _done(self, lf: LocalFile, ack: Ack) -> None:
+        if ack.status == "stored":
+            self.stats.stored += 1
+            self.stats.bytes += lf.size
+        elif ack.status == "exists":
+            self.stats.already += 1
+        else:
+            self._fail(lf, f"{ack.status}: {ack.message}")
+            return
+        if ack.sha256 and ack.sha256 != lf.sha256:
+            self._fail(lf, f"node verified digest {ack.sha256}, expected {lf.sha256}")
+            return
+        self.outstanding -= 1
+        self.progress.files += 1
+        self.progress.bytes += lf.size
+
+    async def run(self) -> NodeStats:
+        self.stats.started = time.monotonic()
+        try:
+            if self.resume and self.queue:
+                await self._skip_present()
+            n = min(self.connections, len(self.queue))
+            if n:
+                async with asyncio.TaskGroup() as tg:
+                    for _ in range(n):
+                        tg.create_task(self._worker())
+            while self.queue:  # every worker gave up
+                self._fail(self.queue.popleft(), f"node unreachable: {self.last_error}")
+        finally:
+            self.stats.finished = time.monotonic()
+        return self.stats
+
+    async def _skip_present(self) -> None:
+        items = list(self.queue)
+        for attempt in range(self.retries + 1):
+            try:
+                async with NodeSession(self.addr, self.creds) as s:
+                    present: list[bool] = []
+                    for i in range(0, len(items), 5000):
+                        batch = items[i : i + 5000]
+                        present += await s.call(
+                            "have",
+                            items=[
+                                {"sop": lf.sop, "sha256": lf.sha256}
+                                if lf.kind == "dicom"
+                                else {"sha256": lf.sha256}
+                                for lf in batch
+                            ],
+                        )
+                break
+            except AuthError:
+                raise
+            except (TransferError, OSError, TimeoutError) as exc:
+                self.last_error = str(exc)
+                if attempt >= self.retries:
+                    return  # the workers will retry and report
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        self.queue = deque()
+        for lf, has in zip(items, present, strict=True):
+            if has:
+                self.stats.already += 1
+                self.outstanding -= 1
+                self.progress.files += 1
+                self.progress.bytes += lf.size
+            else:
+                self.queue.append(lf)
+
+    async def _worker(self) -> None:
+        failures = 0
+        while self.queue:
+            inflight: deque[LocalFile] = deque()
+            try:
+                await self._session(inflight)
+                failures = 0
+            except AuthError as exc:
+                self.last_error = str(exc)
+                while inflight:
+                    self._fail(inflight.popleft(), str(exc))
+                while self.queue:
+                    self._fail(self.queue.popleft(), str(exc))
+                return
+            except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                failures += 1
+                # Whatever was not acknowledged goes back to the front of the queue.
+                for lf in reversed(inflight):
+                    n = self.attempts.get(lf.key, 0) + 1
+                    self.attempts[lf.key] = n
+                    if n > self.retries:
+                        self._fail(lf, f"gave up after {n} attempts: {self.last_error}")
+                    else:
+                        self.queue.appendleft(lf)
+                if failures > self.retries:
+                    return
+                await asyncio.sleep(min(0.2 * 2 ** (failures - 1), 5.0))
+
+    async def _session(self, inflight: deque[LocalFile]) -> None:
+        s = await NodeSession(self.addr, self.creds).open()
+        assert s.writer is not None
+        writer = s.writer
+        window = asyncio.Semaphore(WINDOW)
+        loop = asyncio.get_running_loop()
+        next_id = 0
+
+        async def read_acks() -> None:
+            while True:
+                ev = await s.next_event()
+                if isinstance(ev, Ack):
+                    lf = inflight.popleft()
+                    self._done(lf, ev)
+                    window.release()
+                elif isinstance(ev, Error):
+                    raise NodeError(f"{self.addr.label}: {ev.code}: {ev.message}")
+                elif isinstance(ev, ConnectionClosed):
+                    if inflight:
+                        raise NodeError(
+                            f"{self.addr.label}: connection closed with files unacknowledged"
+                        )
+                    return
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(ev).__name__}")
+
+        acks = asyncio.create_task(read_acks())
+        try:
+            while self.queue:
+                await window.acquire()
+                if acks.done():
+                    acks.result()
+                    raise NodeError(f"{self.addr.label}: connection ended early")
+                if not self.queue:
+                    window.release()
+                    break
+                lf = self.queue.popleft()
+                inflight.append(lf)
+                await self._send_file(s.conn, writer, lf, next_id, loop)
+                next_id += 1
+            # All sent: wait for the remaining acks.
+            async with asyncio.timeout(IO_TIMEOUT):
+                while inflight:
+                    if acks.done():
+                        acks.result()
+                        if inflight:
+                            raise NodeError(f"{self.addr.label}: connection ended early")
+                    await asyncio.wait({acks}, timeout=0.05)
+        finally:
+            if not acks.done():
+                acks.cancel()
+                with contextlib.suppress(BaseException):
+                    await acks
+            await s.close()
+
+    async def _send_file(
+        self,
+        conn: Connection,
+        writer: asyncio.StreamWriter,
+        lf: LocalFile,
+        file_id: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        writer.write(
+            conn.send(
+                FileHeader(
+                    file_id=file_id,
+                    name=lf.name,
+                    size=lf.size,
+                    sha256=lf.sha256,
+                    kind=lf.kind,
+                    compression="zstd" if self.compression == "zstd" else "none",
+                    study_uid=lf.study,
+                    series_uid=lf.series,
+                    sop_uid=lf.sop,
+                )
+            )
+        )
+        enc = BodyEncoder(self.compression)
+        fp = await loop.run_in_executor(self.executor, open, lf.path, "rb")
+        try:
+
+            def next_chunk() -> tuple[bytes, bool]:
+                raw = fp.read(CHUNK)
+                if not raw:
+                    return enc.flush(), True
+                return enc.encode(raw), False
+
+            while True:
+                out, last = await loop.run_in_executor(self.executor, next_chunk)
+                if out:
+                    writer.write(conn.send(Data(out)))
+                    self.stats.wire_bytes += len(out)
+                    self.progress.sent += len(out)
+                    await writer.drain()
+                if last:
+                    break
+        finally:
+            await loop.run_in_executor(self.executor, fp.close)
+        writer.write(conn.send(EndOfBody()))
+        self.progress.render()
+
+
+async def _erl3d_upload(
+    addr: NodeAddr,
+    files: list[LocalFile],
+    *,
+    connections: int,
+    retries: int,
+    progress: Progress,
+    failed: list[dict[str, str]],
+    executor: ThreadPoolExecutor,
+) -> NodeStats:
+    """The 2013 format: one connection per file, whole file in one frame, reply = the name."""
+    stats = NodeStats(addr.label, assigned=len(files))
+    stats.started = time.monotonic()
+    queue = deque(files)
+    loop = asyncio.get_running_loop()
+
+    async def one(lf: LocalFile) -> None:
+        data = await loop.run_in_executor(executor, lf.path.read_bytes)
+        frame = erl3d.encode_request(lf.name, data)
+        del data
+        for attempt in range(retries + 1):
+            try:
+                async with asyncio.timeout(IO_TIMEOUT):
+                    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+                    try:
+                        sock = writer.get_extra_info("socket")
+                        if sock is not None:
+                            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        writer.write(frame)
+                        await writer.drain()
+                        head = await reader.readexactly(4)
+                        reply = await reader.readexactly(int.from_bytes(head, "big"))
+                    finally:
+                        writer.close()
+                        with contextlib.suppress(Exception):
+                            await writer.wait_closed()
+                ok, text = erl3d.decode_reply(reply)
+                progress.sent += len(frame)
+                if ok and text == lf.name:
+                    stats.stored += 1
+                    stats.bytes += lf.size
+                    stats.wire_bytes += len(frame)
+                else:
+                    reason = text if not ok else f"node answered {text!r}"
+                    stats.failed += 1
+                    failed.append({"name": lf.name, "node": addr.label, "reason": reason})
+                break
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ProtocolError) as exc:
+                if attempt >= retries:
+                    stats.failed += 1
+                    failed.append({"name": lf.name, "node": addr.label, "reason": f"erl3d: {exc}"})
+                    break
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        progress.files += 1
+        progress.bytes += lf.size
+        progress.render()
+
+    async def worker() -> None:
+        while queue:
+            await one(queue.popleft())
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(max(1, connections), len(files))):
+                tg.create_task(worker())
+    finally:
+        stats.finished = time.monotonic()
+    return stats
+
+
+def assign(
+    files: Sequence[LocalFile], nodes: Sequence[NodeAddr], replicas: int
+) -> dict[NodeAddr, list[LocalFile]]:
+    """Rendezvous placement by SOP Instance UID (content hash for other files)."""
+    if not nodes:
+        raise TransferError("no nodes given (use --nodes or a config file)")
+    keys = {id(n): n.key for n in nodes}
+    out: dict[NodeAddr, list[LocalFile]] = {n: [] for n in nodes}
+    for lf in files:
+        for n in place(lf.key, nodes, replicas, keys):
+            out[n].append(lf)
+    return out
+
+
+async def upload_files(
+    files: Sequence[LocalFile],
+    nodes: Sequence[NodeAddr],
+    creds: Credentials,
+    *,
+    replicas: int = 1,
+    connections_per_node: int = 4,
+    compression: str = "none",
+    protocol: str = "native",
+    retries: int = 4,
+    resume: bool = True,
+    progress: Progress | None = None,
+    rejected: Iterable[tuple[str, str]] = (),
+    scan_seconds: float = 0.0,
+) -> UploadReport:
+    if compression not in ("none", "zstd"):
+        raise TransferError(f"unknown compression {compression!r}")
+    if protocol not in ("native", "erl3d"):
+        raise TransferError(f"unknown protocol {protocol!r}")
+    plan = assign(files, nodes, replicas)
+    total = sum(lf.size for lfs in plan.values() for lf in lfs)
+    prog = progress or Progress(sum(len(v) for v in plan.values()), total, enabled=False)
+    prog.total_files = sum(len(v) for v in plan.values())
+    prog.total_bytes = total
+    failed: list[dict[str, str]] = []
+    t0 = time.monotonic()
+    executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(nodes)), thread_name_prefix="upload")
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            prog.render()
+
+    tick = asyncio.create_task(ticker())
+    try:
+        if protocol == "erl3d":
+            coros = [
+                _erl3d_upload(
+                    n,
+                    lfs,
+                    connections=connections_per_node,
+                    retries=retries,
+                    progress=prog,
+                    failed=failed,
+                    executor=executor,
+                )
+                for n, lfs in plan.items()
+            ]
+        else:
+            coros = [
+                _Uploader(
+                    n,
+                    lfs,
+                    creds,
+                    connections=connections_per_node,
+                    compression=compression,
+                    retries=retries,
+                    progress=prog,
+                    failed=failed,
+                    resume=resume,
+                    executor=executor,
+                ).run()
+                for n, lfs in plan.items()
+            ]
+        stats = list(await asyncio.gather(*coros))
+    finally:
+        tick.cancel()
+        executor.shutdown(wait=False)
+    seconds = time.monotonic() - t0
+    prog.render(final=True)
+    return UploadReport(
+        nodes=stats,
+        failed=failed,
+        rejected=[{"name": n, "reason": r} for n, r in rejected],
+        seconds=seconds,
+        scan_seconds=scan_seconds,
+        protocol=protocol,
+        compression=compression,
+        replicas=replicas,
+    )
+
+
+def upload_dir(
+    directory: str | os.PathLike[str],
+    nodes: Sequence[NodeAddr],
+    creds: Credentials,
+    *,
+    allow_other: bool = False,
+    progress_stream: Any = None,
+    show_progress: bool = False,
+    **kwargs: Any,
+) -> UploadReport:
+    """Scan ``directory`` and upload it (blocking wrapper for the CLI, demo and benchmarks)."""
+    t0 = time.monotonic()
+    sc = scan(directory, allow_other=allow_other)
+    scan_seconds = time.monotonic() - t0
+    prog = Progress(len(sc.files), sum(f.size for f in sc.files), progress_stream, show_progress)
+    rejected = sc.rejected + [
+        (n, f"duplicate SOP Instance UID (same as {o})") for n, o in sc.duplicates
+    ]
+    return asyncio.run(
+        upload_files(
+            sc.files,
+            nodes,
+            creds,
+            progress=prog,
+            rejected=rejected,
+            scan_seconds=scan_seconds,
+            **kwargs,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- retrieval
+
+
+async def list_nodes(
+    nodes: Sequence[NodeAddr], creds: Credentials, **filters: str | None
+) -> dict[str, list[dict[str, Any]] | str]:
+    """``{node label: rows}`` (or an error string for nodes that failed)."""
+    args = {k: v for k, v in filters.items() if v}
+
+    async def one(n: NodeAddr) -> list[dict[str, Any]] | str:
+        try:
+            async with NodeSession(n, creds) as s:
+                rows: list[dict[str, Any]] = await s.call("list", **args)
+                return rows
+        except TransferError as exc:
+            return str(exc)
+
+    results = await asyncio.gather(*(one(n) for n in nodes))
+    return {n.label: r for n, r in zip(nodes, results, strict=True)}
+
+
+async def stat_object(
+    nodes: Sequence[NodeAddr],
+    creds: Credentials,
+    *,
+    sop: str | None = None,
+    sha256: str | None = None,
+) -> list[dict[str, Any]]:
+    """Where an object is stored: one entry per node that holds it."""
+    out: list[dict[str, Any]] = []
+    for n in nodes:
+        try:
+            async with NodeSession(n, creds) as s:
+                meta = await s.call("stat", sop=sop, sha256=sha256)
+                out.append({"node": n.label} | meta)
+        except NotFoundError:
+            continue
+    if not out:
+        raise NotFoundError(f"not found on any node: {sop or sha256}")
+    return out
+
+
+async def fetch(
+    nodes: Sequence[NodeAddr],
+    creds: Credentials,
+    out_dir: str | os.PathLike[str],
+    *,
+    study: str | None = None,
+    series: str | None = None,
+    sop: str | None = None,
+    on_file: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """Fetch matching instances (each from the first node that lists it) into
+    ``out_dir/<study>/<series>/<sop>.dcm``, byte-identical, digest-verified."""
+    out = Path(out_dir)
+    listing = await list_nodes(nodes, creds, study=study, series=series, sop=sop)
+    wanted: dict[str, tuple[NodeAddr, dict[str, Any]]] = {}
+    errors = []
+    for n in nodes:
+        rows = listing[n.label]
+        if isinstance(rows, str):
+            errors.append(rows)
+            continue
+        for r in rows:
+            if r.get("kind") != "dicom" and not (study or series or sop):
+                key = r["sha256"]
+            elif r.get("kind") == "dicom":
+                key = r["sop"]
+            else:
+                continue
+            wanted.setdefault(key, (n, r))
+    if not wanted:
+        raise NotFoundError("nothing matched" + (f" ({'; '.join(errors)})" if errors else ""))
+    by_node: dict[NodeAddr, list[dict[str, Any]]] = {}
+    for n, r in wanted.values():
+        by_node.setdefault(n, []).append(r)
+    written: list[Path] = []
+
+    async def from_node(n: NodeAddr, rows: list[dict[str, Any]]) -> None:
+        async with NodeSession(n, creds) as s:
+            for r in rows:
+                rel = (
+                    safe_name(r["path"])
+                    if r["kind"] == "dicom"
+                    else safe_name(f"other/{r['sha256'][:2]}/{r['sha256']}-{Path(r['name']).name}")
+                )
+                dest = out / rel
+                if r["kind"] == "dicom":
+                    await s.get(dest, sop=r["sop"])
+                else:
+                    await s.get(dest, sha256=r["sha256"])
+                written.append(dest)
+                if on_file:
+                    on_file(dest)
+
+    async with asyncio.TaskGroup() as tg:
+        for n, rows in by_node.items():
+            tg.create_task(from_node(n, rows))
+    return sorted(written)

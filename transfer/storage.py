@@ -1,0 +1,452 @@
+"""Node storage: atomic writes under a root, and a SQLite index by Study/Series/SOP UID.
+
+Layout under the storage root::
+
+    <study>/<series>/<sop>.dcm        DICOM objects
+    objects/<sha[:2]>/<sha256>        other files (only when the client says so), by content hash
+    .medstream/index.sqlite3          the index
+
+Every write goes to ``.tmp-*`` in the destination directory, is fsynced, renamed into place and
+the directory fsynced; the index only ever names complete, verified files. All methods block:
+the daemon calls them from worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from transfer.dicominfo import DicomInfo, inspect_fileobj, valid_uid
+from transfer.errors import ConflictError, NotFoundError, StorageError, ValidationError
+
+TMP_PREFIX = ".tmp-"
+INDEX_DIR = ".medstream"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop TEXT PRIMARY KEY, study TEXT NOT NULL, series TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, path TEXT NOT NULL,
+    name TEXT NOT NULL, transfer_syntax TEXT NOT NULL, modality TEXT NOT NULL,
+    stored_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study, series);
+CREATE TABLE IF NOT EXISTS objects (
+    sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, path TEXT NOT NULL,
+    name TEXT NOT NULL, stored_at REAL NOT NULL);
+"""
+
+
+def safe_name(name: str) -> str:
+    """Normalise a client-supplied relative name, refusing anything that could escape a root.
+
+    Refused: empty names, NUL or control characters, absolute paths (``/x``, ``\\\\x``,
+    ``C:x``), and any ``..`` component. Backslashes count as separators (the 2013 client ran on
+    Windows). Returns the name as a POSIX relative path.
+    """
+    if not name:
+        raise ValidationError("refused name: empty")
+    if "\x00" in name:
+        raise ValidationError("refused name: contains a NUL byte")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValidationError(f"refused name {name!r}: contains control characters")
+    if len(name.encode("utf-8", "surrogateescape")) > 1024:
+        raise ValidationError("refused name: longer than 1024 bytes")
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or (len(unified) >= 2 and unified[1] == ":"):
+        raise ValidationError(f"refused name {name!r}: absolute paths are not allowed")
+    parts = [p for p in unified.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ValidationError(f"refused name {name!r}: no file name")
+    if any(p == ".." for p in parts):
+        raise ValidationError(f"refused name {name!r}: '..' would escape the storage root")
+    if any(p.startswith(TMP_PREFIX) or p == INDEX_DIR for p in parts):
+        raise ValidationError(f"refused name {name!r}: reserved component")
+    return str(PurePosixPath(*parts))
+
+
+def inside(root: Path, candidate: Path) -> bool:
+    """True when ``candidate`` (resolved, following symlinks) lies inside ``root``."""
+    try:
+        candidate.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(errno.ENOSPC, f"disk full while {what}")
+    return StorageError(exc.errno or errno.EIO, f"I/O error while {what}: {exc.strerror or exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    status: Literal["stored", "exists"]
+    sha256: str
+    path: str  # relative to the root
+
+
+class Upload:
+    """One file being received: a temp file in its final directory, hashed as it is written."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        kind: Literal["dicom", "other"],
+        name: str,
+        size: int,
+        sha256: str,
+        study: str = "",
+        series: str = "",
+        sop: str = "",
+    ) -> None:
+        self.store = store
+        self.kind = kind
+        self.name = name
+        self.size = size
+        self.expected_sha = sha256
+        self.uids = (study, series, sop)
+        if kind == "dicom":
+            for uid in self.uids:
+                if not valid_uid(uid):
+                    raise ValidationError(f"refused: {uid[:70]!r} is not a valid DICOM UID")
+            self.rel = PurePosixPath(study, series, f"{sop}.dcm")
+        else:
+            self.rel = PurePosixPath("objects", sha256[:2], sha256)
+        self.final = store.root / self.rel
+        self.dir = self.final.parent
+        self._hash = hashlib.sha256()
+        self.written = 0
+        self._fd = -1
+        self.tmp: Path | None = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not inside(store.root, self.dir):
+                raise ValidationError(f"refused: {self.rel} escapes the storage root")
+            self.tmp = self.dir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            self._fd = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640
+            )
+        except OSError as exc:
+            self.abort()
+            raise _storage_error(exc, f"creating a temp file for {self.rel}") from None
+
+    def write(self, data: bytes) -> None:
+        if self.written + len(data) > self.size:
+            self.abort()
+            raise ValidationError(f"body is longer than the declared {self.size} bytes")
+        self._hash.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.abort()
+            raise _storage_error(exc, f"writing {self.rel}") from None
+        self.written += len(data)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.tmp is not None:
+            try:
+                self.tmp.unlink()
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+    def commit(self) -> CommitResult:
+        """Verify size and digest, validate the DICOM header, then rename into place."""
+        try:
+            if self._fd < 0 or self.tmp is None:
+                raise StorageError(errno.EIO, "upload already aborted")
+            if self.written != self.size:
+                raise ValidationError(f"body has {self.written} bytes, the header said {self.size}")
+            digest = self._hash.hexdigest()
+            if digest != self.expected_sha:
+                raise ValidationError(
+                    f"sha256 mismatch: received {digest}, the header said {self.expected_sha}"
+                )
+            info: DicomInfo | None = None
+            if self.kind == "dicom":
+                with open(self.tmp, "rb") as fp:
+                    info = inspect_fileobj(fp, self.size)
+                if (info.study_uid, info.series_uid, info.sop_uid) != self.uids:
+                    raise ValidationError(
+                        "UIDs in the file do not match the header "
+                        f"(file has sop {info.sop_uid}, header {self.uids[2]})"
+                    )
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise _storage_error(exc, f"syncing {self.rel}") from None
+            os.close(self._fd)
+            self._fd = -1
+            return self.store._commit(self, digest, info)
+        finally:
+            self.abort()
+
+
+class Store:
+    """The storage root and its index. Thread-safe; every method blocks."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / INDEX_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(exc, f"creating the storage root {self.root}") from None
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.root / INDEX_DIR / "index.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.removed_temps = self._clean_temps()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _clean_temps(self) -> int:
+        """Remove temp files left by a crash (they were never visible in the index)."""
+        n = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d != INDEX_DIR]
+            for f in filenames:
+                if f.startswith(TMP_PREFIX):
+                    try:
+                        os.unlink(os.path.join(dirpath, f))
+                        n += 1
+                    except OSError:
+                        pass
+        return n
+
+    # ------------------------------------------------------------------ writing
+    def begin(
+        self,
+        *,
+        kind: Literal["dicom", "other"],
+        name: str,
+        size: int,
+        sha256: str,
+        study: str = "",
+        series: str = "",
+        sop: str = "",
+    ) -> Upload:
+        safe_name(name)
+        return Upload(
+            self,
+            kind=kind,
+            name=name,
+            size=size,
+            sha256=sha256,
+            study=study,
+            series=series,
+            sop=sop,
+        )
+
+    def _commit(self, up: Upload, digest: str, info: DicomInfo | None) -> CommitResult:
+        assert up.tmp is not None
+        rel = str(up.rel)
+        with self._lock:
+            if info is not None:
+                row = self._db.execute(
+                    "SELECT sha256 FROM instances WHERE sop=?", (info.sop_uid,)
+                ).fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT sha256 FROM objects WHERE sha256=?", (digest,)
+                ).fetchone()
+            if row is not None:
+                if row[0] == digest:
+                    return CommitResult("exists", digest, rel)
+                raise ConflictError(
+                    f"conflict: SOP Instance UID {info.sop_uid if info else '?'} is already stored "
+                    f"with different content (sha256 {row[0]}); refusing to overwrite"
+                )
+            try:
+                os.rename(up.tmp, up.final)
+                up.tmp = None
+                fsync_dir(up.final.parent)
+            except OSError as exc:
+                raise _storage_error(exc, f"renaming {rel} into place") from None
+            now = time.time()
+            if info is not None:
+                self._db.execute(
+                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        info.sop_uid,
+                        info.study_uid,
+                        info.series_uid,
+                        digest,
+                        up.size,
+                        rel,
+                        up.name,
+                        info.transfer_syntax,
+                        info.modality,
+                        now,
+                    ),
+                )
+            else:
+                self._db.execute(
+                    "INSERT INTO objects VALUES (?,?,?,?,?)", (digest, up.size, rel, up.name, now)
+                )
+            return CommitResult("stored", digest, rel)
+
+    def put_bytes(
+        self, data: bytes, *, name: str, kind: Literal["dicom", "other"] | None = None
+    ) -> CommitResult:
+        """Store a whole in-memory object (the erl3d path). ``kind=None`` sniffs DICOM."""
+        import io
+
+        digest = hashlib.sha256(data).hexdigest()
+        info: DicomInfo | None = None
+        if kind != "other":
+            try:
+                info = inspect_fileobj(io.BytesIO(data), len(data))
+            except ValidationError:
+                if kind == "dicom":
+                    raise
+        up = self.begin(
+            kind="dicom" if info else "other",
+            name=name,
+            size=len(data),
+            sha256=digest,
+            study=info.study_uid if info else "",
+            series=info.series_uid if info else "",
+            sop=info.sop_uid if info else "",
+        )
+        up.write(data)
+        return up.commit()
+
+    # ------------------------------------------------------------------ reading
+    def have(self, items: Iterable[dict[str, Any]]) -> list[bool]:
+        """For each ``{"sop": uid, "sha256": hex}`` or ``{"sha256": hex}``: is it stored as is?"""
+        out: list[bool] = []
+        with self._lock:
+            for it in items:
+                sop = it.get("sop") if isinstance(it, dict) else None
+                sha = it.get("sha256") if isinstance(it, dict) else None
+                if sop:
+                    row = self._db.execute(
+                        "SELECT sha256 FROM instances WHERE sop=?", (sop,)
+                    ).fetchone()
+                else:
+                    row = self._db.execute(
+                        "SELECT sha256 FROM objects WHERE sha256=?", (sha,)
+                    ).fetchone()
+                out.append(row is not None and row[0] == sha)
+        return out
+
+    def list(
+        self,
+        *,
+        study: str | None = None,
+        series: str | None = None,
+        sop: str | None = None,
+        limit: int = 100000,
+    ) -> list[dict[str, Any]]:
+        q = "SELECT sop, study, series, sha256, size, path, name, transfer_syntax, modality, stored_at FROM instances"
+        conds: list[str] = []
+        args: list[Any] = []
+        for col, val in (("study", study), ("series", series), ("sop", sop)):
+            if val:
+                conds.append(f"{col}=?")
+                args.append(val)
+        if conds:
+            q += " WHERE " + " AND ".join(conds)
+        q += " ORDER BY study, series, path LIMIT ?"
+        args.append(limit)
+        cols = (
+            "sop",
+            "study",
+            "series",
+            "sha256",
+            "size",
+            "path",
+            "name",
+            "transfer_syntax",
+            "modality",
+            "stored_at",
+        )
+        with self._lock:
+            rows = self._db.execute(q, args).fetchall()
+            out = [dict(zip(cols, r, strict=True)) | {"kind": "dicom"} for r in rows]
+            if not (study or series or sop):
+                for r in self._db.execute(
+                    "SELECT sha256, size, path, name, stored_at FROM objects ORDER BY name LIMIT ?",
+                    (limit,),
+                ):
+                    out.append(
+                        dict(zip(("sha256", "size", "path", "name", "stored_at"), r, strict=True))
+                        | {"kind": "other"}
+                    )
+        return out
+
+    def stat(self, *, sop: str | None = None, sha256: str | None = None) -> dict[str, Any]:
+        if sop:
+            found = self.list(sop=sop, limit=1)
+            if found:
+                return found[0]
+            raise NotFoundError(f"no instance with SOP Instance UID {sop}")
+        if sha256:
+            with self._lock:
+                r = self._db.execute(
+                    "SELECT sha256, size, path, name, stored_at FROM objects WHERE sha256=?",
+                    (sha256,),
+                ).fetchone()
+            if r is None:
+                raise NotFoundError(f"no object with sha256 {sha256}")
+            return dict(zip(("sha256", "size", "path", "name", "stored_at"), r, strict=True)) | {
+                "kind": "other"
+            }
+        raise NotFoundError("stat needs a SOP Instance UID or a sha256")
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            n, size = self._db.execute(
+                "SELECT count(*), coalesce(sum(size),0) FROM instances"
+            ).fetchone()
+            studies = self._db.execute("SELECT count(DISTINCT study) FROM instances").fetchone()[0]
+            on, osize = self._db.execute(
+                "SELECT count(*), coalesce(sum(size),0) FROM objects"
+            ).fetchone()
+        return {
+            "instances": n,
+            "bytes": size,
+            "studies": studies,
+            "objects": on,
+            "object_bytes": osize,
+        }
+
+    def read_chunks(self, rel: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        path = self.root / rel
+        if not inside(self.root, path):
+            raise ValidationError(f"refused: {rel} escapes the storage root")
+        with open(path, "rb") as fp:
+            while True:
+                b = fp.read(chunk)
+                if not b:
+                    return
+                yield b
