@@ -187,3 +187,46 @@ def test_member_of_another_pool_is_refused_clearly(make_sim: Any) -> None:
     spec = sim_spec(sim, **{"pool.members": [f"{sim.hosts[3].address}:{sim.port}"]})
     with pytest.raises(PoolError, match="member of another pool"):
         pool_create(spec.pool, Secret(sim.password))
+
+
+def test_password_prompt_is_hidden_on_a_terminal(sim: SimServer) -> None:
+    """No password source configured and a terminal: xenctl prompts without echo."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XENCTL_", "XENSERVER_"))}
+    env["XENCTL_CA_FILE"] = sim.ca_file
+    argv = [sys.executable, "-m", "xenctl.cli", "--master", f"{sim.hosts[0].address}:{sim.port}",
+            "pool", "status"]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: a session with this pty as its controlling terminal
+        os.execve(argv[0], argv, env)
+    seen = b""
+    sent = False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break  # child closed the terminal
+            if not chunk:
+                break
+            seen += chunk
+            if not sent and b"Password for root@" in seen:
+                os.write(fd, sim.password.encode() + b"\n")
+                sent = True
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert sent, text
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "host-1" in text and "master" in text
+    assert sim.password not in text  # not echoed, not printed
