@@ -272,14 +272,13 @@ def _power_off_later(m: XapiModel, name: str, reboot: bool) -> None:
         if reboot:
             if m.stopping.wait(max(0.2, m.latency.delay("host.reboot"))):
                 return
-            m.revive_host(name)
-            with m.lock:
+            with m.lock:  # xapi enables the host again as it finishes booting
                 for db in m.live_pool_dbs():
                     try:
                         db.set("host", db.by_uuid("host", m.nodes[name].uuid), "enabled", True)
                     except errors.XenAPIError:
                         continue
-                m.notify()
+            m.revive_host(name)
     timer = threading.Timer(0.1, run)  # after the reply left, as a real host goes down
     timer.daemon = True
     timer.start()

@@ -1,11 +1,11 @@
 """The envelope and the dispatcher (moto's ``responses``): one XML-RPC call in, one struct out.
 
-Order, as xapi's generated server does it (gen_server.ml, server_helpers.ml):
+Order, as xapi's generated server does it (gen_server.ml, server_helpers.ml, session_check.ml):
 strip ``Async.``; look the message up (unknown: session-check the first param, then
-``MESSAGE_METHOD_UNKNOWN``); arity (``MESSAGE_PARAMETER_COUNT_MISMATCH [name, expected, received]``,
-both without the session and the optional params); session (``HOST_IS_SLAVE`` on a slave unless the
-session is slave-local, ``SESSION_INVALID``); ``["Fault", ...]`` for Async of a non-async message;
-unmarshal the arguments; run. Implicit messages (getters, setters, get_record, get_all...) are served
+``MESSAGE_METHOD_UNKNOWN [name]``); arity (``MESSAGE_PARAMETER_COUNT_MISMATCH [name, expected,
+received]``, both without the session and the optional params); unmarshal the arguments; session
+(slave-local sessions pass; unknown -> ``SESSION_INVALID``; a normal session on a slave ->
+``HOST_IS_SLAVE``); ``["Fault", ...]`` for Async of a non-async message; run. Implicit messages (getters, setters, get_record, get_all...) are served
 generically from the datamodel; custom messages by handlers registered with ``@implements``.
 """
 
@@ -338,11 +338,13 @@ class Dispatcher:
             if params:
                 with m.lock:
                     self._session_ctx(node_name, params[0], None)
-            raise errors.failure("MESSAGE_METHOD_UNKNOWN", method)
+            raise errors.failure("MESSAGE_METHOD_UNKNOWN", name)  # server_helpers: prefix stripped
         args = list(params[1:] if msg.session_required else params)
         expected = msg.required_count
         if not expected <= len(args) <= len(msg.call_params):
             raise errors.failure("MESSAGE_PARAMETER_COUNT_MISMATCH", name, expected, len(args))
+        # gen_server.ml unmarshals the arguments before the session check
+        coerced = [coerce(p.type, a, p.name) for p, a in zip(msg.call_params, args, strict=False)]
         with m.lock:
             if msg.session_required:
                 ctx = self._session_ctx(node_name, params[0], msg)
@@ -369,7 +371,6 @@ class Dispatcher:
                 self.on_kill_request(decision.host or node_name)
                 if (decision.host or node_name) == node_name:
                     raise DropConnection(name)
-        coerced = [coerce(p.type, a, p.name) for p, a in zip(msg.call_params, args, strict=False)]
         handler = resolve(msg)
         if handler is None:
             raise errors.failure("INTERNAL_ERROR", f"xapisim does not implement {name}")

@@ -69,15 +69,18 @@ def test_dispatch_errors(sim: SimServer, xapi: object) -> None:
         "Fault", "No async mode for this operation (rpc: VM.get_record)"]
     # setters exist only for RW fields
     assert failure(x.VM.set_power_state, vm, "Running")[0] == "MESSAGE_METHOD_UNKNOWN"  # type: ignore[attr-defined]
+    assert failure(x.Async.VM.no_such_call, vm) == ["MESSAGE_METHOD_UNKNOWN", "VM.no_such_call"]  # type: ignore[attr-defined]
     # a bad session: the raw answer (the SDK would silently re-login)
     text = raw_call(sim, "host-1", "VM.get_all", "OpaqueRef:bogus")
     assert "SESSION_INVALID" in text and "OpaqueRef:bogus" in text
     # unknown method with a bad session: the session is checked first
     text = raw_call(sim, "host-1", "VM.frobnicate", "OpaqueRef:bogus")
     assert "SESSION_INVALID" in text
-    # arity is checked before the session
+    # arity is checked before the session, and so is the unmarshalling of the arguments
     text = raw_call(sim, "host-1", "VM.start", "OpaqueRef:bogus")
     assert "MESSAGE_PARAMETER_COUNT_MISMATCH" in text
+    text = raw_call(sim, "host-1", "VM.start", "OpaqueRef:bogus", "OpaqueRef:vm", "no", False)
+    assert "FIELD_TYPE_ERROR" in text and "start_paused" in text
 
 
 def test_login_optional_params_and_bad_credentials(sim: SimServer) -> None:
