@@ -170,6 +170,7 @@ class Step:
     host_name: str = ""
     vm_ref: str = ""
     reason: str = ""
+    ip: str = ""  # a running node's address, when already known from the read
 
 
 @dataclass
@@ -194,8 +195,9 @@ class ScalePlan:
             lines.append(f"  recover  {name}  (journal {key} left by an interrupted run)")
         for s in self.steps:
             where = f" on {s.host_name}" if s.host_name else ""
-            why = f"  ({s.reason})" if s.reason else ""
-            lines.append(f"  {s.action:<8} {s.name}{where}{why}")
+            why = f"  ({s.reason or s.ip})" if s.reason or s.ip else ""
+            action = "ok" if s.action == "wait" and s.ip else s.action
+            lines.append(f"  {action:<8} {s.name}{where}{why}")
         if not self.changes:
             lines.append("  nothing to do")
         return lines
@@ -222,6 +224,7 @@ class PoolView:
     networks: dict[str, dict[str, Any]]
     free_memory: dict[str, int]
     pbds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    guest_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def host_name(self, ref: str) -> str:
         return str(self.hosts.get(ref, {}).get("name_label", ref))
@@ -240,11 +243,13 @@ def read_pool(xapi: Xapi, *, with_free_memory: bool = True) -> PoolView:
     metrics = xapi.call("host_metrics.get_all_records")
     vms = xapi.call("VM.get_all_records")
     networks = xapi.call("network.get_all_records")
+    guest_metrics = xapi.call("VM_guest_metrics.get_all_records")
     free: dict[str, int] = {}
     if with_free_memory:
         for ref in hosts:
             free[ref] = int(xapi.call("host.compute_free_memory", ref))
-    return PoolView(pool_ref, pool, hosts, metrics, vms, networks, free)
+    return PoolView(pool_ref, pool, hosts, metrics, vms, networks, free,
+                    guest_metrics=guest_metrics)
 
 
 def _find_template(view: PoolView, name: str) -> tuple[str, dict[str, Any]]:
@@ -315,9 +320,11 @@ def plan_scale(view: PoolView, spec: CloudSpec, desired: int, *,
     # running nodes without an IP yet are waited for (no change)
     for i in sorted(keep):
         if i <= desired and keep[i].power_state in ("Running", "Paused"):
+            gm = view.guest_metrics.get(str(keep[i].record.get("guest_metrics", NULL)), {})
             plan.steps.append(Step("wait", i, keep[i].name, vm_ref=keep[i].ref,
                                    host_ref=str(keep[i].record.get("resident_on", NULL)),
-                                   host_name=view.host_name(str(keep[i].record.get("resident_on")))))
+                                   host_name=view.host_name(str(keep[i].record.get("resident_on"))),
+                                   ip=find_ip(dict(gm.get("networks") or {}), nodes.cidr) or ""))
     placements = len(to_start) + len(to_create)
     if placements:
         counts: dict[str, int] = {}
@@ -442,7 +449,6 @@ class _Runner:
         self.sessions = _SessionPool(main, max(1, self.nodes.concurrency))
         self.template_vifs_wrong = False
         self.provision_sr_uuid = ""  # resolved once, before the workers start
-        self._vbd_cache: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ helpers
     def run_task(self, x: Xapi, method: str, *args: Any, what: str,
@@ -643,7 +649,7 @@ class _Runner:
 
     def wait(self, step: Step) -> NodeResult:
         res = NodeResult(step.index, step.name, vm=step.vm_ref, host=step.host_name, action="")
-        res.ip = self.wait_ip(step.vm_ref, step.name)
+        res.ip = step.ip or self.wait_ip(step.vm_ref, step.name)
         return res
 
     def remove(self, step: Step) -> NodeResult:
@@ -787,7 +793,12 @@ def _plan_and_apply(xapi: Xapi, spec: CloudSpec, desired: int, view: PoolView, *
     if plan_hook is not None:
         plan_hook(plan)
     result = ScaleResult(plan)
-    if dry_run or not plan.steps:
+    if dry_run:
+        return result
+    if all(st.action == "wait" and st.ip for st in plan.steps):
+        # nothing to change or wait for: no event loop, no write of any kind
+        result.nodes = [NodeResult(st.index, st.name, vm=st.vm_ref, host=st.host_name, ip=st.ip)
+                        for st in plan.steps]
         return result
     if watcher is None:
         watcher = start_watcher()
