@@ -34,10 +34,11 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def ip_batch(lines: Sequence[str], *, netns: str | None = None, check: bool = True) -> None:
-    """Run many ip commands in one process (ip -batch -), optionally inside a netns."""
+    """Run many ip commands in one process (ip -batch -), optionally inside a netns. With
+    check=False every line is tried (-force) and errors are ignored."""
     if not lines:
         return
-    argv = [IP] + (["-n", netns] if netns else []) + ["-batch", "-"]
+    argv = [IP] + (["-n", netns] if netns else []) + ([] if check else ["-force"]) + ["-batch", "-"]
     run(argv, input="\n".join(lines) + "\n", check=check)
 
 
@@ -71,10 +72,15 @@ def link_names() -> list[str]:
 
 def kill_netns_processes(netns: str, *, timeout: float = 5.0) -> list[int]:
     """SIGKILL every process whose network namespace is netns, by PID; wait until none is left."""
+    return kill_netns_processes_many([netns], timeout=timeout)
+
+
+def kill_netns_processes_many(namespaces: Sequence[str], *, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every process in any of these network namespaces, by PID; wait until none is left."""
     killed: list[int] = []
     deadline = time.monotonic() + timeout
     while True:
-        pids = [p for p in netns_pids(netns) if p != os.getpid()]
+        pids = [p for ns in namespaces for p in netns_pids(ns) if p != os.getpid()]
         if not pids:
             return killed
         for pid in pids:
@@ -84,7 +90,7 @@ def kill_netns_processes(netns: str, *, timeout: float = 5.0) -> list[int]:
             except ProcessLookupError:
                 pass
         if time.monotonic() > deadline:
-            raise LabError(f"netns {netns}: processes {pids} survive SIGKILL")
+            raise LabError(f"netns {', '.join(namespaces)}: processes {pids} survive SIGKILL")
         time.sleep(0.02)
 
 

@@ -26,18 +26,16 @@ def teardown(prefix: str, st: dict[str, Any] | None) -> list[str]:
         netns |= {h["netns"] for h in st.get("hosts", {}).values()} & set(_sys.netns_list())
     # kill everything first (all namespaces), then wait: faster than one namespace at a time
     errors: list[str] = []
-    for ns in sorted(netns):
-        try:
-            _sys.kill_netns_processes(ns)
-        except LabError as exc:
-            errors.append(str(exc))
-    for ns in sorted(netns):
-        _sys.ip("netns", "del", ns, check=False)
-        removed.append(f"netns {ns}")
+    try:
+        _sys.kill_netns_processes_many(sorted(netns))
+    except LabError as exc:
+        errors.append(str(exc))
+    _sys.ip_batch([f"netns del {ns}" for ns in sorted(netns)], check=False)
+    removed += [f"netns {ns}" for ns in sorted(netns)]
     links = [name for name in _sys.link_names() if name.startswith(prefix)]
-    for name in sorted(links, key=lambda n: n.endswith("br")):  # veths first, bridge last
-        _sys.ip("link", "del", name, check=False)
-        removed.append(f"link {name}")
+    links.sort(key=lambda n: n.endswith("br"))  # veths first, bridge last
+    _sys.ip_batch([f"link del {name}" for name in links], check=False)
+    removed += [f"link {name}" for name in links]
     if st and st.get("labdir"):
         from .lab import close_ssh_masters
         ips = [h["ip"] for h in st.get("hosts", {}).values() if "ip" in h]
@@ -56,8 +54,15 @@ def teardown(prefix: str, st: dict[str, Any] | None) -> list[str]:
                     break
                 time.sleep(0.1)
             removed.append(f"dir {d}")
-    left = [ns for ns in _sys.netns_list() if ns.startswith(prefix + "-")]
-    left += [n for n in _sys.link_names() if n.startswith(prefix)]
+    left: list[str] = []
+    for _ in range(100):  # netns deletion frees veths asynchronously: allow it a moment
+        left = [ns for ns in _sys.netns_list() if ns.startswith(prefix + "-")]
+        left += [n for n in _sys.link_names() if n.startswith(prefix)]
+        if not left:
+            break
+        _sys.ip_batch([f"link del {n}" for n in left if not n.startswith(prefix + "-")],
+                      check=False)
+        time.sleep(0.05)
     if left or errors:
         raise LabError(f"lab {prefix}: teardown left {', '.join(left + errors)}")
     return removed
