@@ -222,3 +222,32 @@ def test_slave_checks_the_session_before_refusing(sim: SimServer) -> None:
     raw = getattr(slave, "VM.get_all")
     assert raw("OpaqueRef:bogus")["ErrorDescription"] == ["SESSION_INVALID", "OpaqueRef:bogus"]
     assert raw(master.handle)["ErrorDescription"] == ["HOST_IS_SLAVE", sim.hosts[0].address]
+
+
+def test_join_homogeneity_and_version_checks(sim: SimServer) -> None:
+    def tweak(name: str, **fields: object) -> None:
+        with sim.model.lock:
+            node = sim.model.nodes[name]
+            assert node.db is not None
+            host = node.db.by_uuid("host", node.uuid)
+            for key, value in fields.items():
+                if key == "software":
+                    node.db.set("host", host, "software_version",
+                                dict(node.db.get("host", host)["software_version"], **value))  # type: ignore[arg-type]
+                else:
+                    node.db.set("host", host, key, value)
+
+    x2 = sim.session("host-2").xenapi
+    master = sim.hosts[0].address
+    tweak("host-2", software={"build_number": "other"})
+    assert failure(x2.pool.join, master, sim.username, sim.password) == [
+        "HOSTS_NOT_HOMOGENEOUS", "Software version differs"]
+    tweak("host-2", API_version_minor=15)
+    # join_force skips the homogeneity check; the API version check still applies
+    assert failure(x2.pool.join_force, master, sim.username, sim.password) == [
+        "POOL_JOINING_HOST_MUST_HAVE_SAME_API_VERSION", "2.15", "2.21"]
+    tweak("host-2", API_version_minor=21, software={"platform_version": "9.9.9"})
+    assert failure(x2.pool.join_force, master, sim.username, sim.password) == ["HOSTS_NOT_COMPATIBLE"]
+    tweak("host-2", software={"platform_version": "3.4.0"})
+    x2.pool.join_force(master, sim.username, sim.password)
+    assert len(sim.session("host-1").xenapi.host.get_all()) == 2
