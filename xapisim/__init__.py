@@ -5,7 +5,7 @@
         session = sim.session()          # a real XenAPI.Session, TLS verified against sim.ca_file
 """
 
-from .errors import ConfigError, XapisimError, XenAPIError
+from .errors import ConfigError, UnknownHost, XapisimError, XenAPIError
 from .server import HostInfo, SimConfig, SimServer
 
-__all__ = ["ConfigError", "HostInfo", "SimConfig", "SimServer", "XapisimError", "XenAPIError"]
+__all__ = ["ConfigError", "HostInfo", "SimConfig", "SimServer", "UnknownHost", "XapisimError", "XenAPIError"]

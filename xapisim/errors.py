@@ -25,6 +25,13 @@ class ConfigError(XapisimError, ValueError):
     """Bad simulator configuration (config file, SimConfig, CLI flags)."""
 
 
+class UnknownHost(XapisimError, KeyError):
+    """No simulated host by that name or address."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown host"
+
+
 class XenAPIError(XapisimError):
     """A XenAPI failure: the client sees ``ErrorDescription = [code, *params]``."""
 

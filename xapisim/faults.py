@@ -50,8 +50,11 @@ class Faults:
         self.rules: list[FaultRule] = []
 
     def fail(self, message: str, code: str, params: list[Any] | None = None, nth: int = 1) -> FaultRule:
-        errors.failure(code, *(params or []))  # validates code and arity now, not at fire time
-        cls = errors.error_class(code) if code != "Fault" else None
+        """Make the nth call of ``message`` fail with ``[code, *params]`` (a real code, right arity)."""
+        try:
+            cls = errors.error_class(code) if code != "Fault" else None
+        except KeyError:
+            raise ConfigError(f"{code} is not a XenAPI error code in the datamodel") from None
         if cls is not None and cls.arity is not None and len(params or []) != cls.arity:
             raise ConfigError(f"{code} takes {cls.arity} params, got {len(params or [])}")
         return self._add(FaultRule(message, nth, "error", code, [str(p) for p in params or []]))
@@ -101,8 +104,8 @@ class Faults:
                     raise ConfigError(f"faults[{i}].error must be [CODE, params...]")
                 try:
                     self.fail(item["message"], str(err[0]), [str(p) for p in err[1:]], nth)
-                except KeyError as e:
-                    raise ConfigError(f"faults[{i}]: {e.args[0]}") from None
+                except ConfigError as e:
+                    raise ConfigError(f"faults[{i}]: {e}") from None
             elif item.get("drop"):
                 self.drop_connection(item["message"], nth)
             elif "kill_host" in item:

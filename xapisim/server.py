@@ -27,7 +27,7 @@ from . import api_core, api_devices, api_more, api_pool, api_vm  # noqa: F401  (
 from .backends import GuestBackend, load_backend
 from .db import new_uuid
 from .dispatch import Dispatcher, DropConnection
-from .errors import ConfigError, XapisimError
+from .errors import ConfigError, UnknownHost, XapisimError
 from .faults import Faults
 from .fixtures import GiB, HostSpec
 from .latency import LatencyModel
@@ -470,7 +470,7 @@ class SimServer:
         for h in self.hosts:
             if h.name == name or h.address == name:
                 return h
-        raise KeyError(f"no simulated host {name!r}")
+        raise UnknownHost(f"no simulated host {name!r}; hosts are {', '.join(h.name for h in self.hosts)}")
 
     def url_for(self, name: str) -> str:
         h = self.host(name)

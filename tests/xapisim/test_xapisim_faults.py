@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from xsim_helpers import event_from, failure, new_vm
 
-from xapisim import ConfigError, SimConfig, SimServer
+from xapisim import ConfigError, SimConfig, SimServer, UnknownHost
 
 
 def test_fail_nth_call_with_a_real_code() -> None:
@@ -30,8 +30,10 @@ def test_fail_nth_call_with_a_real_code() -> None:
             time.sleep(0.02)
         assert x.task.get_status(task) == "failure"
         assert x.task.get_error_info(task) == ["SR_BACKEND_FAILURE_44", "", "There is insufficient space", ""]
-        with pytest.raises(KeyError):
+        with pytest.raises(ConfigError, match="NOT_A_CODE"):
             sim.faults.fail("VM.start", "NOT_A_CODE", [])
+        with pytest.raises(UnknownHost):
+            sim.kill_host("host-9")
         with pytest.raises(ConfigError):
             sim.faults.fail("VM.start", "HOST_NOT_ENOUGH_FREE_MEMORY", ["only-one"])
 
