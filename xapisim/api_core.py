@@ -110,10 +110,10 @@ def event_get_current_id(m: XapiModel, ctx: Ctx) -> int:
 
 
 @implements("event.inject")
-def event_inject(m: XapiModel, ctx: Ctx, cls: str, ref: str) -> str:
-    real = m.dm.class_by_lower(cls)
+def event_inject(m: XapiModel, ctx: Ctx, class_: str, ref: str) -> str:
+    real = m.dm.class_by_lower(class_)
     if real is None:
-        raise errors.failure("EVENT_SUBSCRIPTION_PARSE_FAILURE", cls)
+        raise errors.failure("EVENT_SUBSCRIPTION_PARSE_FAILURE", class_)
     ctx.db.get(real, ref)
     token = f"{ctx.db.gen:020d},{0:020d}"
     ctx.db.touch(ref)

@@ -63,12 +63,12 @@ def vif_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
 
 
 @implements("VIF.destroy")
-def vif_destroy(m: XapiModel, ctx: Ctx, vif: str) -> str:
+def vif_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
     db = ctx.db
-    rec = db.get("VIF", vif)
+    rec = db.get("VIF", self)
     if rec["currently_attached"] and db.get("VM", rec["VM"])["power_state"] == "Running":
         raise errors.failure("OPERATION_NOT_ALLOWED", "VIF is currently attached")
-    db.destroy("VIF", vif)
+    db.destroy("VIF", self)
     m.notify()
     return ""
 
@@ -98,12 +98,12 @@ def vbd_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
 
 
 @implements("VBD.destroy")
-def vbd_destroy(m: XapiModel, ctx: Ctx, vbd: str) -> str:
+def vbd_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
     db = ctx.db
-    rec = db.get("VBD", vbd)
+    rec = db.get("VBD", self)
     if rec["currently_attached"] and db.get("VM", rec["VM"])["power_state"] == "Running":
         raise errors.failure("OPERATION_NOT_ALLOWED", "VBD is currently attached")
-    db.destroy("VBD", vbd)
+    db.destroy("VBD", self)
     m.notify()
     return ""
 
@@ -126,21 +126,21 @@ def vdi_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
 
 
 @implements("VDI.destroy")
-def vdi_destroy(m: XapiModel, ctx: Ctx, vdi: str) -> str:
+def vdi_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
     db = ctx.db
-    rec = db.get("VDI", vdi)
-    for vbd in db.reverse("VDI", "VBDs", vdi):
+    rec = db.get("VDI", self)
+    for vbd in db.reverse("VDI", "VBDs", self):
         vm = db.get("VBD", vbd)["VM"]
         if db.exists("VM", vm) and db.get("VM", vm)["power_state"] in ("Running", "Paused", "Suspended"):
-            raise errors.failure("VDI_IN_USE", vdi, "destroy")
+            raise errors.failure("VDI_IN_USE", self, "destroy")
     m.delay("VDI.destroy")
-    if not db.exists("VDI", vdi):
+    if not db.exists("VDI", self):
         return ""
     sr_release(db, rec["SR"], rec["physical_utilisation"], rec["virtual_size"])
-    for vbd in db.reverse("VDI", "VBDs", vdi):
+    for vbd in db.reverse("VDI", "VBDs", self):
         db.set("VBD", vbd, "VDI", NULL)
         db.set("VBD", vbd, "empty", True)
-    db.destroy("VDI", vdi)
+    db.destroy("VDI", self)
     m.notify()
     return ""
 
@@ -156,16 +156,16 @@ def network_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
 
 
 @implements("network.destroy")
-def network_destroy(m: XapiModel, ctx: Ctx, net: str) -> str:
+def network_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
     db = ctx.db
-    db.get("network", net)
-    vifs = db.reverse("network", "VIFs", net)
+    db.get("network", self)
+    vifs = db.reverse("network", "VIFs", self)
     if vifs:
         raise errors.failure("NETWORK_CONTAINS_VIF", *vifs[:1])
-    pifs = db.reverse("network", "PIFs", net)
+    pifs = db.reverse("network", "PIFs", self)
     if pifs:
         raise errors.failure("NETWORK_CONTAINS_PIF", *pifs[:1])
-    db.destroy("network", net)
+    db.destroy("network", self)
     m.notify()
     return ""
 
@@ -181,32 +181,32 @@ def pbd_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
 
 
 @implements("PBD.destroy")
-def pbd_destroy(m: XapiModel, ctx: Ctx, pbd: str) -> str:
-    rec = ctx.db.get("PBD", pbd)
+def pbd_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
+    rec = ctx.db.get("PBD", self)
     if rec["currently_attached"]:
         raise errors.failure("OPERATION_NOT_ALLOWED", "PBD is currently attached")
-    ctx.db.destroy("PBD", pbd)
+    ctx.db.destroy("PBD", self)
     m.notify()
     return ""
 
 
 @implements("PBD.plug")
-def pbd_plug(m: XapiModel, ctx: Ctx, pbd: str) -> str:
-    ctx.db.set("PBD", pbd, "currently_attached", True)
+def pbd_plug(m: XapiModel, ctx: Ctx, self: str) -> str:
+    ctx.db.set("PBD", self, "currently_attached", True)
     m.notify()
     return ""
 
 
 @implements("PBD.unplug")
-def pbd_unplug(m: XapiModel, ctx: Ctx, pbd: str) -> str:
+def pbd_unplug(m: XapiModel, ctx: Ctx, self: str) -> str:
     db = ctx.db
-    rec = db.get("PBD", pbd)
+    rec = db.get("PBD", self)
     for vdi in db.reverse("SR", "VDIs", rec["SR"]):
         for vbd in db.reverse("VDI", "VBDs", vdi):
             vm = db.get("VBD", vbd)["VM"]
             if db.exists("VM", vm) and db.get("VM", vm)["resident_on"] == rec["host"] \
                     and db.get("VM", vm)["power_state"] != "Halted":
                 raise errors.failure("VDI_IN_USE", vdi, "unplug")
-    db.set("PBD", pbd, "currently_attached", False)
+    db.set("PBD", self, "currently_attached", False)
     m.notify()
     return ""

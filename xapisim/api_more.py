@@ -45,33 +45,33 @@ def _plug(m: XapiModel, ctx: Ctx, cls: str, ref: str, attach: bool, force: bool 
 
 
 @implements("VBD.plug")
-def vbd_plug(m: XapiModel, ctx: Ctx, vbd: str) -> str:
-    return _plug(m, ctx, "VBD", vbd, True)
+def vbd_plug(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _plug(m, ctx, "VBD", self, True)
 
 
 @implements("VBD.unplug")
-def vbd_unplug(m: XapiModel, ctx: Ctx, vbd: str) -> str:
-    return _plug(m, ctx, "VBD", vbd, False)
+def vbd_unplug(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _plug(m, ctx, "VBD", self, False)
 
 
 @implements("VBD.unplug_force")
-def vbd_unplug_force(m: XapiModel, ctx: Ctx, vbd: str) -> str:
-    return _plug(m, ctx, "VBD", vbd, False, force=True)
+def vbd_unplug_force(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _plug(m, ctx, "VBD", self, False, force=True)
 
 
 @implements("VIF.plug")
-def vif_plug(m: XapiModel, ctx: Ctx, vif: str) -> str:
-    return _plug(m, ctx, "VIF", vif, True)
+def vif_plug(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _plug(m, ctx, "VIF", self, True)
 
 
 @implements("VIF.unplug")
-def vif_unplug(m: XapiModel, ctx: Ctx, vif: str) -> str:
-    return _plug(m, ctx, "VIF", vif, False)
+def vif_unplug(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _plug(m, ctx, "VIF", self, False)
 
 
 @implements("VIF.unplug_force")
-def vif_unplug_force(m: XapiModel, ctx: Ctx, vif: str) -> str:
-    return _plug(m, ctx, "VIF", vif, False, force=True)
+def vif_unplug_force(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _plug(m, ctx, "VIF", self, False, force=True)
 
 
 @implements("VBD.insert")
@@ -335,9 +335,9 @@ def _blockers(m: XapiModel, db: Database, host: str) -> dict[str, list[str]]:
 
 
 @implements("host.get_vms_which_prevent_evacuation")
-def host_get_vms_which_prevent_evacuation(m: XapiModel, ctx: Ctx, host: str) -> dict[str, list[str]]:
-    ctx.db.get("host", host)
-    return _blockers(m, ctx.db, host)
+def host_get_vms_which_prevent_evacuation(m: XapiModel, ctx: Ctx, self: str) -> dict[str, list[str]]:
+    ctx.db.get("host", self)
+    return _blockers(m, ctx.db, self)
 
 
 @implements("host.assert_can_evacuate")

@@ -616,24 +616,24 @@ def vm_power_state_reset(m: XapiModel, ctx: Ctx, vm: str) -> str:
 
 
 @implements("VM.destroy")
-def vm_destroy(m: XapiModel, ctx: Ctx, vm: str) -> str:
+def vm_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
     db = ctx.db
-    assert_op(db, vm, "destroy")  # a default template fails here: VM_IS_TEMPLATE [vm, "destroy"]
-    if db.get("VM", vm)["other_config"].get("default_template") == "true":
+    assert_op(db, self, "destroy")  # a default template fails here: VM_IS_TEMPLATE [self, "destroy"]
+    if db.get("VM", self)["other_config"].get("default_template") == "true":
         # xapi_vm_helpers.destroy: reached when a default template was turned into a plain VM
-        raise errors.failure("VM_CANNOT_DELETE_DEFAULT_TEMPLATE", vm)
+        raise errors.failure("VM_CANNOT_DELETE_DEFAULT_TEMPLATE", self)
     m.delay("VM.destroy")
-    if not db.exists("VM", vm):
+    if not db.exists("VM", self):
         return ""
-    rec = db.get("VM", vm)
-    for vbd in db.reverse("VM", "VBDs", vm):
+    rec = db.get("VM", self)
+    for vbd in db.reverse("VM", "VBDs", self):
         db.destroy("VBD", vbd)
-    for vif in db.reverse("VM", "VIFs", vm):
+    for vif in db.reverse("VM", "VIFs", self):
         db.destroy("VIF", vif)
     for cls, field in (("VM_metrics", "metrics"), ("VM_guest_metrics", "guest_metrics")):
         if rec[field] != NULL and db.exists(cls, rec[field]):
             db.destroy(cls, rec[field])
-    db.destroy("VM", vm)
+    db.destroy("VM", self)
     with m.unlocked():
         try:
             m.backend.destroy(rec["uuid"])
@@ -661,8 +661,8 @@ def vm_pool_migrate(m: XapiModel, ctx: Ctx, vm: str, host: str, options: dict[st
 
 
 @implements("VM.assert_can_boot_here")
-def vm_assert_can_boot_here(m: XapiModel, ctx: Ctx, vm: str, host: str) -> str:
-    assert_can_boot_here(m, ctx.db, vm, host)
+def vm_assert_can_boot_here(m: XapiModel, ctx: Ctx, self: str, host: str) -> str:
+    assert_can_boot_here(m, ctx.db, self, host)
     return ""
 
 
@@ -683,14 +683,14 @@ def vm_get_possible_hosts(m: XapiModel, ctx: Ctx, vm: str) -> list[str]:
 
 
 @implements("VM.assert_operation_valid")
-def vm_assert_operation_valid(m: XapiModel, ctx: Ctx, vm: str, op: str) -> str:
-    assert_op(ctx.db, vm, op)
+def vm_assert_operation_valid(m: XapiModel, ctx: Ctx, self: str, op: str) -> str:
+    assert_op(ctx.db, self, op)
     return ""
 
 
 @implements("VM.update_allowed_operations")
-def vm_update_allowed_operations(m: XapiModel, ctx: Ctx, vm: str) -> str:
-    update_allowed(ctx.db, vm)
+def vm_update_allowed_operations(m: XapiModel, ctx: Ctx, self: str) -> str:
+    update_allowed(ctx.db, self)
     m.notify()
     return ""
 
@@ -729,55 +729,55 @@ def _set_limits(m: XapiModel, ctx: Ctx, vm: str, op: str, smin: int, smax: int, 
 
 
 @implements("VM.set_memory_limits")
-def vm_set_memory_limits(m: XapiModel, ctx: Ctx, vm: str, static_min: int, static_max: int,
+def vm_set_memory_limits(m: XapiModel, ctx: Ctx, self: str, static_min: int, static_max: int,
                          dynamic_min: int, dynamic_max: int) -> str:
-    return _set_limits(m, ctx, vm, "changing_memory_limits", static_min, static_max, dynamic_min, dynamic_max)
+    return _set_limits(m, ctx, self, "changing_memory_limits", static_min, static_max, dynamic_min, dynamic_max)
 
 
 @implements("VM.set_memory")
-def vm_set_memory(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
-    rec = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_memory_limits", min(rec["memory_static_min"], value),
+def vm_set_memory(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
+    rec = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_memory_limits", min(rec["memory_static_min"], value),
                        value, value, value)
 
 
 @implements("VM.set_memory_static_range")
-def vm_set_memory_static_range(m: XapiModel, ctx: Ctx, vm: str, min: int, max: int) -> str:
-    r = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_static_range", min, max, r["memory_dynamic_min"], r["memory_dynamic_max"])
+def vm_set_memory_static_range(m: XapiModel, ctx: Ctx, self: str, min: int, max: int) -> str:
+    r = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_static_range", min, max, r["memory_dynamic_min"], r["memory_dynamic_max"])
 
 
 @implements("VM.set_memory_static_max")
-def vm_set_memory_static_max(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
-    r = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_static_range", r["memory_static_min"], value,
+def vm_set_memory_static_max(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
+    r = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_static_range", r["memory_static_min"], value,
                        r["memory_dynamic_min"], r["memory_dynamic_max"])
 
 
 @implements("VM.set_memory_static_min")
-def vm_set_memory_static_min(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
-    r = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_static_range", value, r["memory_static_max"],
+def vm_set_memory_static_min(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
+    r = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_static_range", value, r["memory_static_max"],
                        r["memory_dynamic_min"], r["memory_dynamic_max"])
 
 
 @implements("VM.set_memory_dynamic_range")
-def vm_set_memory_dynamic_range(m: XapiModel, ctx: Ctx, vm: str, min: int, max: int) -> str:
-    r = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_dynamic_range", r["memory_static_min"], r["memory_static_max"], min, max)
+def vm_set_memory_dynamic_range(m: XapiModel, ctx: Ctx, self: str, min: int, max: int) -> str:
+    r = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_dynamic_range", r["memory_static_min"], r["memory_static_max"], min, max)
 
 
 @implements("VM.set_memory_dynamic_max")
-def vm_set_memory_dynamic_max(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
-    r = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_dynamic_range", r["memory_static_min"], r["memory_static_max"],
+def vm_set_memory_dynamic_max(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
+    r = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_dynamic_range", r["memory_static_min"], r["memory_static_max"],
                        r["memory_dynamic_min"], value)
 
 
 @implements("VM.set_memory_dynamic_min")
-def vm_set_memory_dynamic_min(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
-    r = ctx.db.get("VM", vm)
-    return _set_limits(m, ctx, vm, "changing_dynamic_range", r["memory_static_min"], r["memory_static_max"],
+def vm_set_memory_dynamic_min(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
+    r = ctx.db.get("VM", self)
+    return _set_limits(m, ctx, self, "changing_dynamic_range", r["memory_static_min"], r["memory_static_max"],
                        value, r["memory_dynamic_max"])
 
 
@@ -785,38 +785,38 @@ VCPU_RULE = "VCPU values must satisfy: 0 < VCPUs_at_startup ≤ VCPUs_max"
 
 
 @implements("VM.set_VCPUs_max")
-def vm_set_VCPUs_max(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
+def vm_set_VCPUs_max(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
     db = ctx.db
-    assert_op(db, vm, "changing_VCPUs")
-    if value < 1 or value < db.get("VM", vm)["VCPUs_at_startup"]:
+    assert_op(db, self, "changing_VCPUs")
+    if value < 1 or value < db.get("VM", self)["VCPUs_at_startup"]:
         raise errors.failure("INVALID_VALUE", VCPU_RULE, value)
-    db.set("VM", vm, "VCPUs_max", value)
-    update_allowed(db, vm)
+    db.set("VM", self, "VCPUs_max", value)
+    update_allowed(db, self)
     m.notify()
     return ""
 
 
 @implements("VM.set_VCPUs_at_startup")
-def vm_set_VCPUs_at_startup(m: XapiModel, ctx: Ctx, vm: str, value: int) -> str:
+def vm_set_VCPUs_at_startup(m: XapiModel, ctx: Ctx, self: str, value: int) -> str:
     db = ctx.db
-    if value < 1 or value > db.get("VM", vm)["VCPUs_max"]:
+    if value < 1 or value > db.get("VM", self)["VCPUs_max"]:
         raise errors.failure("INVALID_VALUE", VCPU_RULE, value)
-    db.set("VM", vm, "VCPUs_at_startup", value)
+    db.set("VM", self, "VCPUs_at_startup", value)
     m.notify()
     return ""
 
 
 @implements("VM.set_is_a_template")
-def vm_set_is_a_template(m: XapiModel, ctx: Ctx, vm: str, value: bool) -> str:
+def vm_set_is_a_template(m: XapiModel, ctx: Ctx, self: str, value: bool) -> str:
     db = ctx.db
     if value:
-        assert_op(db, vm, "make_into_template")
-        rec = db.get("VM", vm)
+        assert_op(db, self, "make_into_template")
+        rec = db.get("VM", self)
         if rec["metrics"] != NULL and db.exists("VM_metrics", rec["metrics"]):
             db.destroy("VM_metrics", rec["metrics"])
-        db.update("VM", vm, metrics=NULL, ha_always_run=False)
-    db.set("VM", vm, "is_a_template", value)
-    update_allowed(db, vm)
+        db.update("VM", self, metrics=NULL, ha_always_run=False)
+    db.set("VM", self, "is_a_template", value)
+    update_allowed(db, self)
     m.notify()
     return ""
 

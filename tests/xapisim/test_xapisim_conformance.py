@@ -105,6 +105,8 @@ def test_custom_handler_signature_matches_datamodel(name: str) -> None:
     params = list(sig.parameters.values())[2:]  # after (model, ctx)
     assert len(params) == len(msg.call_params), f"{name}: {params} vs {msg.call_params}"
     for p, dp in zip(params, msg.call_params, strict=True):
+        # same names in the same order (a Python keyword gets a trailing underscore: class -> class_)
+        assert p.name in (dp.name, f"{dp.name}_"), f"{name}: parameter {p.name} where xapi has {dp.name}"
         assert (p.default is not inspect.Parameter.empty) == dp.optional, f"{name}.{dp.name}"
 
 
