@@ -207,3 +207,13 @@ def test_import_raw_vdi_put(sim: SimServer) -> None:
     assert sim.vdi_file(x.VDI.get_uuid(vdi)).read_bytes() == payload
     assert put(f"vdi={vdi}&format=raw&session_id=OpaqueRef:bad", payload) == 403
     assert put(f"vdi=OpaqueRef:nope&format=raw&session_id={s.handle}", payload) == 404
+
+
+def test_sdk_relogin_on_session_invalid_and_api_version(sim: SimServer) -> None:
+    s = sim.session("host-1")
+    assert s.API_version == "2.21"  # pool.get_all -> pool.get_master -> host.get_API_version_*
+    old = s.handle
+    other = sim.session("host-1")
+    getattr(other, "session.logout")(old)  # the server forgets s's session behind its back
+    assert s.xenapi.VM.get_all()  # SESSION_INVALID -> the SDK logs in again and retries
+    assert s.handle != old
