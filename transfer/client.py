@@ -58,6 +58,8 @@ from transfer.storage import safe_name
 CHUNK = 1 << 20
 READ_SIZE = 1 << 18
 WINDOW = 16  # files in flight per connection (pipelining, no round trip per file)
+PREFETCH = 2  # files read ahead per connection
+WHOLE_FILE = 4 << 20  # files up to this size are read in one go; larger ones are streamed
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 120.0
 _HIGH_WATER = 4 << 20
@@ -582,13 +584,36 @@ class _Uploader:
                     return
                 await asyncio.sleep(min(0.2 * 2 ** (failures - 1), 5.0))
 
+    def _load(self, lf: LocalFile) -> list[bytes] | None:
+        """Read (and compress) a small file whole in one worker-thread call; None if large."""
+        if lf.size > WHOLE_FILE:
+            return None
+        with lf.path.open("rb", buffering=0) as fp:
+            data = fp.read(lf.size + 1)
+        if len(data) != lf.size:
+            raise _FileChanged(f"{lf.name} changed size since it was scanned")
+        if self.compression == "none":
+            return [data] if data else []
+        enc = BodyEncoder(self.compression)
+        out = [enc.encode(data), enc.flush()]
+        return [b for b in out if b]
+
     async def _session(self, inflight: deque[LocalFile]) -> None:
         s = await NodeSession(self.addr, self.creds).open()
         assert s.writer is not None
         writer = s.writer
         window = asyncio.Semaphore(WINDOW)
         loop = asyncio.get_running_loop()
+        drained = asyncio.Event()
+        drained.set()
         next_id = 0
+        # Files taken from the queue and being read ahead: (file, future of its chunks).
+        ahead: deque[tuple[LocalFile, asyncio.Future[list[bytes] | None]]] = deque()
+
+        def read_ahead() -> None:
+            while len(ahead) < PREFETCH and self.queue:
+                lf = self.queue.popleft()
+                ahead.append((lf, loop.run_in_executor(self.executor, self._load, lf)))
 
         async def read_acks() -> None:
             while True:
@@ -597,6 +622,8 @@ class _Uploader:
                     lf = inflight.popleft()
                     self._done(lf, ev)
                     window.release()
+                    if not inflight:
+                        drained.set()
                 elif isinstance(ev, Error):
                     raise NodeError(f"{self.addr.label}: {ev.code}: {ev.message}")
                 elif isinstance(ev, ConnectionClosed):
@@ -610,27 +637,41 @@ class _Uploader:
 
         acks = asyncio.create_task(read_acks())
         try:
-            while self.queue:
+            read_ahead()
+            while ahead:
                 await window.acquire()
                 if acks.done():
                     acks.result()
                     raise NodeError(f"{self.addr.label}: connection ended early")
-                if not self.queue:
+                lf, fut = ahead.popleft()
+                try:
+                    chunks = await fut
+                except (OSError, _FileChanged) as exc:
                     window.release()
-                    break
-                lf = self.queue.popleft()
+                    self._fail(lf, f"cannot read: {exc}")
+                    read_ahead()
+                    continue
                 inflight.append(lf)
-                await self._send_file(s.conn, writer, lf, next_id, loop)
+                drained.clear()
+                read_ahead()
+                await self._send_file(s.conn, writer, lf, next_id, loop, chunks)
                 next_id += 1
-            # All sent: wait for the remaining acks.
+            # All sent: wait for the remaining acks (or the ack reader's failure).
             async with asyncio.timeout(IO_TIMEOUT):
-                while inflight:
-                    if acks.done():
-                        acks.result()
-                        if inflight:
-                            raise NodeError(f"{self.addr.label}: connection ended early")
-                    await asyncio.wait({acks}, timeout=0.05)
+                waiter = asyncio.create_task(drained.wait())
+                try:
+                    await asyncio.wait({acks, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if inflight:
+                    acks.result() if acks.done() else None
+                    raise NodeError(f"{self.addr.label}: connection ended early")
         finally:
+            # Read-ahead files go back to the queue (front, in order) for another attempt.
+            for lf, fut in reversed(ahead):
+                fut.cancel()
+                self.queue.appendleft(lf)
+            ahead.clear()
             if not acks.done():
                 acks.cancel()
                 with contextlib.suppress(BaseException):
@@ -644,6 +685,7 @@ class _Uploader:
         lf: LocalFile,
         file_id: int,
         loop: asyncio.AbstractEventLoop,
+        chunks: list[bytes] | None,
     ) -> None:
         writer.write(
             conn.send(
@@ -660,8 +702,19 @@ class _Uploader:
                 )
             )
         )
+        if chunks is not None:
+            for out in chunks:
+                writer.write(conn.send(Data(out)))
+                self.stats.wire_bytes += len(out)
+                self.progress.sent += len(out)
+            writer.write(conn.send(EndOfBody()))
+            await writer.drain()
+            self.progress.render()
+            return
+        # A large file: stream it chunk by chunk, never whole in memory.
         enc = BodyEncoder(self.compression)
         fp = await loop.run_in_executor(self.executor, open, lf.path, "rb")
+        sent = 0
         try:
 
             def next_chunk() -> tuple[bytes, bool]:
@@ -674,6 +727,7 @@ class _Uploader:
                 out, last = await loop.run_in_executor(self.executor, next_chunk)
                 if out:
                     writer.write(conn.send(Data(out)))
+                    sent += len(out)
                     self.stats.wire_bytes += len(out)
                     self.progress.sent += len(out)
                     await writer.drain()
@@ -683,6 +737,10 @@ class _Uploader:
             await loop.run_in_executor(self.executor, fp.close)
         writer.write(conn.send(EndOfBody()))
         self.progress.render()
+
+
+class _FileChanged(TransferError):
+    pass
 
 
 async def _erl3d_upload(

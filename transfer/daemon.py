@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import hmac
 import json
 import logging
@@ -18,6 +19,7 @@ import socket
 import ssl
 import sys
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,15 +100,15 @@ def read_token(path: str) -> str:
 
 
 class _FileSink:
-    """The per-file receiving state: decoder -> upload (runs in worker threads)."""
+    """The per-file receiving state: decoder -> upload. Every method runs in a worker thread
+    (through the connection's :class:`_Serial`), never on the event loop, and never raises."""
 
-    def __init__(self, header: FileHeader) -> None:
+    def __init__(self, store: Store, header: FileHeader) -> None:
+        self.store = store
         self.header = header
         self.upload: Upload | None = None
         self.decoder: BodyDecoder | None = None
         self.error: str = ""
-        self.conflict = False
-        self.pending: asyncio.Future[None] | None = None
 
     def fail(self, message: str) -> None:
         if not self.error:
@@ -114,7 +116,23 @@ class _FileSink:
         if self.upload is not None:
             self.upload.abort()
 
-    def feed(self, chunk: bytes) -> None:
+    def begin(self) -> None:
+        h = self.header
+        try:
+            self.upload = self.store.begin(
+                kind=h.kind,
+                name=h.name,
+                size=h.size,
+                sha256=h.sha256,
+                study=h.study_uid,
+                series=h.series_uid,
+                sop=h.sop_uid,
+            )
+            self.decoder = BodyDecoder(h.compression, h.size, self.upload.write)
+        except (TransferError, OSError) as exc:
+            self.fail(str(exc))
+
+    def feed(self, chunk: bytes | bytearray) -> None:
         if self.error or self.decoder is None:
             return
         try:
@@ -136,6 +154,78 @@ class _FileSink:
         if self.upload is not None:
             self.upload.abort()
         return Ack(h.file_id, "error", message=self.error or "upload failed")
+
+
+class _Serial:
+    """Run callables in submission order on a shared pool, one at a time per connection.
+
+    The reader never awaits a chunk write: it queues it and goes on parsing; only when more
+    than ``budget`` bytes are queued does it wait (bounded memory, back-pressure to the socket).
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor, budget: int = 8 << 20
+    ) -> None:
+        self.loop = loop
+        self.executor = executor
+        self.budget = budget
+        self._ops: deque[tuple[Callable[[], Any], asyncio.Future[Any] | None, int]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+        self._queued = 0
+        self._waiting = False
+        self._room = asyncio.Event()
+
+    async def submit(
+        self, fn: Callable[[], Any], nbytes: int = 0, want_result: bool = False
+    ) -> asyncio.Future[Any] | None:
+        while True:
+            with self._lock:
+                if self._queued <= self.budget:
+                    break
+                self._waiting = True
+                self._room.clear()
+            await self._room.wait()
+        fut: asyncio.Future[Any] | None = self.loop.create_future() if want_result else None
+        with self._lock:
+            self._queued += nbytes
+            self._ops.append((fn, fut, nbytes))
+            start = not self._running
+            self._running = True
+        if start:
+            self.executor.submit(self._drain)
+        return fut
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ops:
+                    self._running = False
+                    return
+                fn, fut, n = self._ops.popleft()
+            try:
+                res, exc = fn(), None
+            except BaseException as e:  # delivered to the awaiting coroutine
+                res, exc = None, e
+            wake = False
+            with self._lock:
+                self._queued -= n
+                if self._waiting and self._queued <= self.budget:
+                    self._waiting = False
+                    wake = True
+            if wake:
+                self.loop.call_soon_threadsafe(self._room.set)
+            if fut is not None:
+                self.loop.call_soon_threadsafe(_settle, fut, res, exc)
+
+
+def _settle(fut: asyncio.Future[Any], res: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(res)
 
 
 class NodeServer:
@@ -169,13 +259,15 @@ class NodeServer:
                 cfg.bind,
                 cfg.port,
             )
-        srv = await asyncio.start_server(
-            self._native,
+        loop = asyncio.get_running_loop()
+        # Import pydicom now (hundreds of ms), not while the first upload waits for its ack.
+        await self._run(importlib.import_module, "pydicom.filereader")
+        srv = await loop.create_server(
+            lambda: _Pipe(self),
             cfg.bind,
             cfg.port,
             ssl=self.ssl,
             ssl_handshake_timeout=cfg.idle_timeout if self.ssl else None,
-            limit=READ_SIZE * 2,
             backlog=min(cfg.max_connections, 1024),
         )
         self._servers.append(srv)
@@ -218,72 +310,66 @@ class NodeServer:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # ------------------------------------------------------------------ native protocol
-    async def _native(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _native(self, pipe: _Pipe) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        peer = writer.get_extra_info("peername")
-        _nodelay(writer)
-        conn = Connection(Role.SERVER, max_frame=self.cfg.max_frame)
+        peer = pipe.peer
+        conn = pipe.conn
         if self.active >= self.cfg.max_connections:
             log.warning("refusing %s: %d connections already open", peer, self.active)
             with contextlib.suppress(Exception):
-                writer.write(conn.send_error("busy", "too many connections, try again later"))
-                await asyncio.wait_for(writer.drain(), 5)
-            await self._close_writer(writer)
+                pipe.write(conn.send_error("busy", "too many connections, try again later"))
+                await asyncio.wait_for(pipe.drain(), 5)
+            await pipe.close()
             if task is not None:
                 self._tasks.discard(task)
             return
         self.active += 1
         self.served += 1
         answers: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue(ANSWER_QUEUE)
-        answerer = asyncio.create_task(self._answer_loop(answers, writer))
+        answerer = asyncio.create_task(self._answer_loop(answers, pipe))
         sink: _FileSink | None = None
+        serial = _Serial(asyncio.get_running_loop(), self.executor)
         files = 0
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self.cfg.idle_timeout):
-                        data = await reader.read(READ_SIZE)
-                except TimeoutError:
-                    log.info("%s: idle for %.0fs, closing", peer, self.cfg.idle_timeout)
-                    await self._put_frame(answers, conn.send_error("idle-timeout", "idle timeout"))
-                    break
-                conn.receive_data(data)
-                done = False
-                while True:
-                    ev = conn.next_event()
-                    if ev is NEED_DATA:
+                ev = conn.next_event()
+                if ev is NEED_DATA:
+                    pipe.want_more()
+                    try:
+                        async with asyncio.timeout(self.cfg.idle_timeout):
+                            await pipe.data_ready.wait()
+                    except TimeoutError:
+                        log.info("%s: idle for %.0fs, closing", peer, self.cfg.idle_timeout)
+                        await self._put_frame(
+                            answers, conn.send_error("idle-timeout", "idle timeout")
+                        )
                         break
-                    if isinstance(ev, Data):
-                        if sink is not None:
-                            if sink.pending is not None:
-                                await sink.pending
-                            sink.pending = self._run(sink.feed, ev.data)
-                    elif isinstance(ev, FileHeader):
-                        sink = await self._begin(ev)
-                        files += 1
-                    elif isinstance(ev, EndOfBody):
-                        assert sink is not None
-                        if sink.pending is not None:
-                            await sink.pending
-                        fut = self._run(sink.commit)
-                        await answers.put(self._ack_writer(fut, conn, writer, peer))
-                        sink = None
-                    elif isinstance(ev, Request):
-                        await answers.put(self._request_writer(ev, conn, writer))
-                    elif isinstance(ev, Hello):
-                        frame = self._hello(ev, conn, peer)
-                        await self._put_frame(answers, frame)
-                        if conn.our_state is State.ERROR:
-                            done = True
-                            break
-                    elif isinstance(ev, Bye | ConnectionClosed | Error):
-                        if isinstance(ev, Error):
-                            log.info("%s: client error %s: %s", peer, ev.code, ev.message)
-                        done = True
+                    continue
+                pipe.consumed()
+                if isinstance(ev, Data):
+                    if sink is not None:
+                        await serial.submit(functools.partial(sink.feed, ev.data), len(ev.data))
+                elif isinstance(ev, FileHeader):
+                    sink = _FileSink(self.store, ev)
+                    await serial.submit(sink.begin)
+                    files += 1
+                elif isinstance(ev, EndOfBody):
+                    assert sink is not None
+                    fut = await serial.submit(sink.commit, want_result=True)
+                    assert fut is not None
+                    await answers.put(self._ack_writer(fut, conn, pipe, peer))
+                    sink = None
+                elif isinstance(ev, Request):
+                    await answers.put(self._request_writer(ev, conn, pipe))
+                elif isinstance(ev, Hello):
+                    await self._put_frame(answers, self._hello(ev, conn, peer))
+                    if conn.our_state is State.ERROR:
                         break
-                if done or not data:
+                elif isinstance(ev, Bye | ConnectionClosed | Error):
+                    if isinstance(ev, Error):
+                        log.info("%s: client error %s: %s", peer, ev.code, ev.message)
                     break
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
@@ -291,19 +377,19 @@ class NodeServer:
                 await self._put_frame(answers, conn.send_error(exc.code, str(exc)))
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             log.info("%s: connection lost: %s", peer, exc)
-        except asyncio.CancelledError:
-            raise
         finally:
             if sink is not None:
-                if sink.pending is not None:
+                last = await serial.submit(
+                    functools.partial(sink.fail, "connection closed mid-file"), want_result=True
+                )
+                if last is not None:
                     with contextlib.suppress(Exception):
-                        await sink.pending
-                sink.fail("connection closed mid-file")
+                        await asyncio.wait_for(asyncio.shield(last), 60)
             with contextlib.suppress(Exception):
                 await answers.put(None)
                 await asyncio.wait_for(answerer, 30)
             answerer.cancel()
-            await self._close_writer(writer)
+            await pipe.close()
             self.active -= 1
             if task is not None:
                 self._tasks.discard(task)
@@ -318,7 +404,7 @@ class NodeServer:
     async def _answer_loop(
         self,
         answers: asyncio.Queue[Callable[[], Awaitable[None]] | None],
-        writer: asyncio.StreamWriter,
+        writer: _Pipe,
     ) -> None:
         try:
             while True:
@@ -358,29 +444,8 @@ class NodeServer:
             Welcome(node=self.node_name, version=version, max_frame=self.cfg.max_frame)
         )
 
-    async def _begin(self, h: FileHeader) -> _FileSink:
-        sink = _FileSink(h)
-
-        def begin() -> None:
-            try:
-                sink.upload = self.store.begin(
-                    kind=h.kind,
-                    name=h.name,
-                    size=h.size,
-                    sha256=h.sha256,
-                    study=h.study_uid,
-                    series=h.series_uid,
-                    sop=h.sop_uid,
-                )
-                sink.decoder = BodyDecoder(h.compression, h.size, sink.upload.write)
-            except (TransferError, OSError) as exc:
-                sink.fail(str(exc))
-
-        await self._run(begin)
-        return sink
-
     def _ack_writer(
-        self, fut: asyncio.Future[Ack], conn: Connection, writer: asyncio.StreamWriter, peer: Any
+        self, fut: asyncio.Future[Ack], conn: Connection, writer: _Pipe, peer: Any
     ) -> Callable[[], Awaitable[None]]:
         async def write_ack() -> None:
             ack = await fut
@@ -391,7 +456,7 @@ class NodeServer:
         return write_ack
 
     def _request_writer(
-        self, req: Request, conn: Connection, writer: asyncio.StreamWriter
+        self, req: Request, conn: Connection, writer: _Pipe
     ) -> Callable[[], Awaitable[None]]:
         fut = self._run(self._answer_request, req)
 
@@ -517,6 +582,94 @@ class NodeServer:
             await writer.drain()
 
 
+class _Pipe(asyncio.BufferedProtocol):
+    """Socket adapter: the kernel reads straight into the protocol's buffers (no extra copies);
+    a coroutine (:meth:`NodeServer._native`) consumes events. Reading pauses while more than
+    ``MAX_PENDING`` complete frames wait, so memory stays bounded."""
+
+    MAX_PENDING = 2
+
+    def __init__(self, server: NodeServer) -> None:
+        self.server = server
+        self.conn = Connection(Role.SERVER, max_frame=server.cfg.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.data_ready = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._lost = asyncio.Event()
+        self._paused = False
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=4 << 20)
+        self._task = asyncio.get_running_loop().create_task(self.server._native(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        self.data_ready.set()
+        if self.conn.pending_frames > self.MAX_PENDING and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self.data_ready.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.conn.receive_data(b"")
+        self.data_ready.set()
+        self._can_write.set()
+        self._lost.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def want_more(self) -> None:
+        """The consumer ran out of events: resume reading and wait."""
+        self.data_ready.clear()
+        self.consumed()
+
+    def consumed(self) -> None:
+        if self._paused and self.conn.pending_frames <= self.MAX_PENDING and self.transport:
+            self._paused = False
+            if not self._lost.is_set():
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self._lost.is_set():
+            raise ConnectionResetError("connection lost")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost.is_set():
+            raise ConnectionResetError("connection lost")
+        await self._can_write.wait()
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 5)
+            if not self._lost.is_set():
+                self.transport.abort()
+
+
 class _FrameItem:
     """A ready frame in a connection's answer queue."""
 
@@ -553,6 +706,8 @@ def setup_logging(log_file: str, level: int = logging.INFO) -> None:
 
 
 async def run_daemon(cfg: DaemonConfig, ready_file: str | None = None) -> None:
+    # The event loop shares the GIL with hashing/parsing workers: hand it over quickly.
+    sys.setswitchinterval(0.0005)
     server = NodeServer(cfg)
     await server.start()
     if ready_file:

@@ -73,6 +73,8 @@ SUPPORTED_VERSIONS: Final = (1,)
 DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 MAX_CONTROL_FRAME: Final = 4 * 1024 * 1024
 _HDR = struct.Struct(">BI")
+_INBUF = 64 * 1024
+_INLINE_DATA = 32 * 1024  # DATA payloads above this get their own buffer
 HEADER_SIZE: Final = _HDR.size
 
 ACK_STATUSES: Final = ("stored", "exists", "conflict", "error")
@@ -149,7 +151,7 @@ class FileHeader(Event):
 
 @dataclass(frozen=True, slots=True)
 class Data(Event):
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +215,7 @@ NEED_DATA: Final = NeedData()
 # ---------------------------------------------------------------------------- payload checks
 
 
-def _obj(payload: bytes, what: str) -> dict[str, Any]:
+def _obj(payload: bytes | bytearray, what: str) -> dict[str, Any]:
     try:
         value = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -261,7 +263,7 @@ def _dumps(d: dict[str, Any]) -> bytes:
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _encode(event: Event) -> tuple[FrameType, bytes]:
+def _encode(event: Event) -> tuple[FrameType, bytes | bytearray]:
     if isinstance(event, Data):
         return FrameType.DATA, event.data
     if isinstance(event, EndOfBody):
@@ -330,7 +332,7 @@ def _encode(event: Event) -> tuple[FrameType, bytes]:
     raise LocalProtocolError(f"cannot send {type(event).__name__}")
 
 
-def _decode(ftype: FrameType, payload: bytes) -> Event:
+def _decode(ftype: FrameType, payload: bytes | bytearray) -> Event:
     if ftype is FrameType.DATA:
         return Data(payload)
     if ftype in (FrameType.END, FrameType.BYE):
@@ -438,7 +440,12 @@ class Connection:
         self.role = role
         self.max_frame = max_frame
         self.version = PROTOCOL_VERSION
-        self._buf = bytearray()
+        self._buf = bytearray()  # scratch: headers, control frames, small DATA payloads
+        self._inbuf = bytearray(_INBUF)  # what get_buffer() hands out between payloads
+        self._payload: bytearray | None = None  # a large DATA payload being filled in place
+        self._pfill = 0
+        self._frames: deque[tuple[FrameType, bytes | bytearray]] = deque()
+        self._fail: RemoteProtocolError | None = None
         self._eof = False
         self.ours = _Side(role)
         self.theirs = _Side(Role.SERVER if role is Role.CLIENT else Role.CLIENT)
@@ -596,65 +603,135 @@ class Connection:
         return _HDR.pack(FrameType.ERROR, len(payload)) + payload
 
     # ------------------------------------------------------------------ receiving
-    def receive_data(self, data: bytes) -> None:
+    #
+    # Incoming bytes are split into complete frames as they arrive (cheap: headers only);
+    # decoding and state checks happen in next_event(). DATA payloads of any size are filled
+    # in place: an adapter using get_buffer()/buffer_updated() (asyncio.BufferedProtocol)
+    # lets the kernel copy straight into the payload buffer, with no intermediate copies.
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
         if self._eof:
             if data:
                 raise RemoteProtocolError("data received after end of stream")
             return
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+            return
+        view = memoryview(data).cast("B")
+        while view and self._fail is None:
+            if self._payload is not None:
+                take = min(len(view), len(self._payload) - self._pfill)
+                self._payload[self._pfill : self._pfill + take] = view[:take]
+                self._pfill += take
+                view = view[take:]
+                self._payload_check()
+                continue
+            self._buf += view
+            view = view[len(view) :]
+            self._split()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable buffer for the next incoming bytes (asyncio.BufferedProtocol.get_buffer)."""
+        if self._payload is not None:
+            return memoryview(self._payload)[self._pfill :]
+        return memoryview(self._inbuf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`get_buffer` (BufferedProtocol)."""
+        if self._payload is not None:
+            self._pfill += nbytes
+            self._payload_check()
+        else:
+            self.receive_data(memoryview(self._inbuf)[:nbytes])
+
+    def _payload_check(self) -> None:
+        assert self._payload is not None
+        if self._pfill == len(self._payload):
+            self._frames.append((FrameType.DATA, self._payload))
+            self._payload = None
+            self._pfill = 0
+
+    def _split(self) -> None:
+        """Cut complete frames off the front of the scratch buffer."""
+        buf = self._buf
+        pos = 0
+        n = len(buf)
+        while n - pos >= HEADER_SIZE:
+            raw_type, length = _HDR.unpack_from(buf, pos)
+            try:
+                ftype = FrameType(raw_type)
+            except ValueError:
+                self._fail = RemoteProtocolError(f"garbage: unknown frame type 0x{raw_type:02x}")
+                break
+            limit = (
+                self.max_frame
+                if ftype is FrameType.DATA
+                else min(self.max_frame, MAX_CONTROL_FRAME)
+            )
+            if length > limit:
+                self._fail = RemoteProtocolError(
+                    f"{ftype.name} frame of {length} bytes exceeds the limit of {limit}",
+                    code="frame-too-large",
+                )
+                break
+            start = pos + HEADER_SIZE
+            if ftype is FrameType.DATA and length > _INLINE_DATA:
+                # Large payload: give it its own buffer and fill it in place from now on.
+                payload = bytearray(length)
+                have = min(n - start, length)
+                payload[:have] = buf[start : start + have]
+                pos = start + have
+                if have == length:
+                    self._frames.append((ftype, payload))
+                else:
+                    self._payload, self._pfill = payload, have
+                    break
+                continue
+            if n - start < length:
+                break
+            self._frames.append((ftype, bytes(buf[start : start + length])))
+            pos = start + length
+        if pos:
+            del buf[:pos]
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._pfill
 
     def next_event(self) -> Event | NeedData:
         """The next complete event from the peer, or ``NEED_DATA``."""
         if self.theirs.state is State.ERROR:
             raise RemoteProtocolError("connection is in the error state")
-        buf = self._buf
-        if len(buf) < HEADER_SIZE:
-            if self._eof:
-                if buf:
-                    self.theirs.state = State.ERROR
-                    raise RemoteProtocolError(
-                        f"truncated frame header ({len(buf)} bytes at end of stream)"
-                    )
-                if self.theirs.state not in (State.CLOSED, State.ERROR):
-                    clean = self.theirs.state in (State.READY, State.IDLE, State.HELLO_SENT)
-                    self.theirs.state = State.CLOSED
-                    if not clean:
-                        raise RemoteProtocolError("connection closed in the middle of a body")
-                return ConnectionClosed()
-            return NEED_DATA
-        raw_type, length = _HDR.unpack_from(buf)
-        try:
-            ftype = FrameType(raw_type)
-        except ValueError:
-            self.theirs.state = State.ERROR
-            raise RemoteProtocolError(f"garbage: unknown frame type 0x{raw_type:02x}") from None
-        limit = (
-            self.max_frame if ftype is FrameType.DATA else min(self.max_frame, MAX_CONTROL_FRAME)
-        )
-        if length > limit:
-            self.theirs.state = State.ERROR
-            raise RemoteProtocolError(
-                f"{ftype.name} frame of {length} bytes exceeds the limit of {limit}",
-                code="frame-too-large",
-            )
-        end = HEADER_SIZE + length
-        if len(buf) < end:
-            if self._eof:
+        if not self._frames:
+            if self._fail is not None:
+                self.theirs.state = State.ERROR
+                raise self._fail
+            if not self._eof:
+                return NEED_DATA
+            if self._payload is not None:
                 self.theirs.state = State.ERROR
                 raise RemoteProtocolError(
-                    f"truncated {ftype.name} frame ({len(buf) - HEADER_SIZE} of {length} bytes)"
+                    f"truncated DATA frame ({self._pfill} of {len(self._payload)} bytes)"
                 )
-            return NEED_DATA
-        payload = bytes(buf[HEADER_SIZE:end])
-        del buf[:end]
+            if self._buf:
+                self.theirs.state = State.ERROR
+                if len(self._buf) < HEADER_SIZE:
+                    raise RemoteProtocolError(
+                        f"truncated frame header ({len(self._buf)} bytes at end of stream)"
+                    )
+                raw_type, length = _HDR.unpack_from(self._buf)
+                raise RemoteProtocolError(
+                    f"truncated {FrameType(raw_type).name} frame "
+                    f"({len(self._buf) - HEADER_SIZE} of {length} bytes)"
+                )
+            if self.theirs.state not in (State.CLOSED, State.ERROR):
+                clean = self.theirs.state in (State.READY, State.IDLE, State.HELLO_SENT)
+                self.theirs.state = State.CLOSED
+                if not clean:
+                    raise RemoteProtocolError("connection closed in the middle of a body")
+            return ConnectionClosed()
+        ftype, payload = self._frames.popleft()
         try:
             event = _decode(ftype, payload)
             self._transition(self.theirs, ftype, event, RemoteProtocolError)
@@ -667,6 +744,11 @@ class Connection:
                 raise RemoteProtocolError(f"server chose unsupported version {event.version}")
             self.version = event.version
         return event
+
+    @property
+    def pending_frames(self) -> int:
+        """Complete frames received but not yet returned by next_event()."""
+        return len(self._frames)
 
     def events(self) -> list[Event]:
         """All complete events currently buffered (stops at NEED_DATA)."""
@@ -714,12 +796,14 @@ class BodyEncoder:
 
 
 class _LimitedSink:
-    def __init__(self, limit: int, on_output: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, limit: int, on_output: Callable[[bytes | bytearray | memoryview], None]
+    ) -> None:
         self.limit = limit
         self.total = 0
         self.on_output = on_output
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         self.total += len(data)
         if self.total > self.limit:
             raise RemoteProtocolError(
@@ -727,7 +811,7 @@ class _LimitedSink:
                 code="too-large",
             )
         if data:
-            self.on_output(bytes(data))
+            self.on_output(data)
         return len(data)
 
 
@@ -738,7 +822,12 @@ class BodyDecoder:
     :class:`RemoteProtocolError` after at most one internal block of output.
     """
 
-    def __init__(self, compression: str, limit: int, on_output: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        compression: str,
+        limit: int,
+        on_output: Callable[[bytes | bytearray | memoryview], None],
+    ) -> None:
         if compression not in ("none", "zstd"):
             raise RemoteProtocolError(f"unknown compression {compression!r}")
         self.compression = compression
@@ -754,7 +843,7 @@ class BodyDecoder:
     def total(self) -> int:
         return self._sink.total
 
-    def decode(self, chunk: bytes) -> None:
+    def decode(self, chunk: bytes | bytearray) -> None:
         if self._writer is None:
             self._sink.write(chunk)
             return

@@ -147,7 +147,7 @@ class Upload:
             self.abort()
             raise _storage_error(exc, f"creating a temp file for {self.rel}") from None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.written + len(data) > self.size:
             self.abort()
             raise ValidationError(f"body is longer than the declared {self.size} bytes")
