@@ -10,7 +10,6 @@ change. ``down`` scales the fleet to zero and rewrites the inventory.
 from __future__ import annotations
 
 import importlib
-import shlex
 import subprocess
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -190,26 +189,46 @@ def _deploy(inventory: Path, opts: DeployOptions, progress: Progress) -> tuple[b
     return changed, str(getattr(res, "summary", ""))
 
 
-def _smoke(spec: CloudSpec, opts: DeployOptions, progress: Progress) -> str:
-    """Upload a small generated study from the workstation and fetch it back (transfer CLI)."""
+SMOKE_SCRIPT = r"""
+set -eu
+d=$(mktemp -d /tmp/medstream-smoke.XXXXXX)
+trap 'rm -rf "$d"' EXIT
+transfer synth "$d/in" --slices {slices} --rows 64 --cols 64 --seed "$$" >/dev/null
+transfer upload "$d/in" --no-progress >/dev/null
+py=$(dirname "$(readlink -f "$(command -v transfer)")")/python
+study=$("$py" -c 'import glob, sys, pydicom
+f = sorted(glob.glob(sys.argv[1] + "/**/*", recursive=True))
+print(next(pydicom.dcmread(p).StudyInstanceUID for p in f if p.endswith(".dcm")))' "$d/in")
+transfer get "$d/out" --study "$study" >/dev/null
+(cd "$d/in" && find . -type f -name '*.dcm' -exec sha256sum {{}} + | cut -d' ' -f1 | sort) > "$d/a"
+(cd "$d/out" && find . -type f -name '*.dcm' -exec sha256sum {{}} + | cut -d' ' -f1 | sort) > "$d/b"
+n=$(wc -l < "$d/a")
+if cmp -s "$d/a" "$d/b" && [ "$n" -eq {slices} ]; then echo "SMOKE-OK $n"; else
+  echo "SMOKE-MISMATCH sent $n, got $(wc -l < "$d/b")"; exit 3; fi
+"""
+
+
+def _smoke(spec: CloudSpec, opts: DeployOptions, progress: Progress, slices: int = 8) -> str:
+    """From the workstation: generate a small study, upload it to the nodes, fetch it back by
+    its Study Instance UID and compare every file's bytes (SHA-256)."""
     if not spec.workstation.address:
         raise XenctlError("no workstation in the spec (workstation.address)")
-    ssh = ["ssh", "-o", "BatchMode=yes"]
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
     if opts.ssh_config:
         ssh += ["-F", str(opts.ssh_config)]
-    if opts.private_key:
-        ssh += ["-i", str(opts.private_key)]
+    key = opts.private_key or spec.workstation.ssh_private_key
+    if key:
+        ssh += ["-i", str(key)]
+    if opts.known_hosts:
+        ssh += ["-o", f"UserKnownHostsFile={opts.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
     target = f"{spec.workstation.ssh_user}@{spec.workstation.address}"
-    script = ("set -e; d=$(mktemp -d); transfer synth \"$d/in\" --slices 8 --rows 64 --cols 64 >/dev/null; "
-              "transfer upload \"$d/in\" --json-report \"$d/report.json\" >/dev/null; "
-              "cat \"$d/report.json\"; rm -rf \"$d\"")
-    progress(f"smoke: upload a small study from {spec.workstation.address}")
+    progress(f"smoke: {slices} images from {spec.workstation.address} to the nodes and back")
     try:
-        out = subprocess.run([*ssh, target, "sh", "-c", shlex.quote(script)], capture_output=True,
-                             text=True, timeout=300, check=False)
+        out = subprocess.run([*ssh, target, "sh", "-s"], input=SMOKE_SCRIPT.format(slices=slices),
+                             capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise XenctlError(f"smoke test could not run: {exc}") from exc
-    if out.returncode != 0:
-        raise XenctlError(f"smoke upload failed (exit {out.returncode}): "
-                          f"{(out.stderr or out.stdout).strip()[-300:]}")
-    return "study uploaded from the workstation"
+    if out.returncode != 0 or "SMOKE-OK" not in out.stdout:
+        detail = (out.stdout + out.stderr).strip()[-400:]
+        raise XenctlError(f"smoke test failed (exit {out.returncode}): {detail}")
+    return f"{slices} images uploaded from the workstation and fetched back byte-identical"
