@@ -345,8 +345,10 @@ def inventory_cmd(c: Context, path: str, as_list: bool, host: str | None) -> Non
 @click.argument("cloud_yml", required=False, type=click.Path(dir_okay=False))
 @click.option("--sim", is_flag=True,
               help="Run on a throwaway simulated pool (xapisim, 3 hosts); nothing is left behind.")
-@click.option("--sim-backend", type=click.Choice(["memory", "lab"]), default="memory",
-              show_default=True, help="With --sim: records only, or real lab hosts (root).")
+@click.option("--sim-backend", type=click.Choice(["memory", "lab"]), default="lab",
+              show_default=True,
+              help="With --sim: real lab hosts with sshd (needs root), or records only "
+                   "(memory: no deploy or smoke possible).")
 @click.option("--nodes", type=click.IntRange(0, 1000), help="Node count (default nodes.count; 5 with --sim).")
 @click.option("--skip", default="", metavar="PHASE,...",
               help="Phases to skip: pool, nodes, inventory, deploy, smoke.")
@@ -365,6 +367,9 @@ def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes
         t0 = time.monotonic()
         if sim:
             from .sim import sim_cloud
+            if sim_backend == "memory" and not {"deploy", "smoke"} <= skips:
+                raise XenctlError("the memory backend has no hosts to deploy to",
+                                  hint="use --sim-backend lab, or --skip deploy,smoke")
             with sim_cloud(5 if nodes is None else nodes, backend=sim_backend) as sc:
                 res = up(sc.spec, sc.password, inventory_path=Path(inventory_path), skip=skips,
                          progress=c.say, stats=c.stats, deploy=sc.deploy)
