@@ -477,7 +477,8 @@ class Connection:
         if st in (State.CLOSED, State.ERROR):
             raise err(f"{side.role.value} sent {ftype.name} after the connection ended")
         if ftype is FrameType.ERROR:
-            side.state = State.ERROR
+            # Sending one puts us in ERROR; receiving one means the peer is gone (CLOSED).
+            side.state = State.ERROR if err is LocalProtocolError else State.CLOSED
             return
         if side.role is Role.CLIENT:
             self._client_transition(side, ftype, event, err)

@@ -1,61 +1,17 @@
-"""Fixtures for the transfer tests: tiny DICOM series, a PKI, daemons on loopback."""
+"""Fixtures for the transfer tests: a PKI and daemons on loopback."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from transfer_helpers import node_config
 
 from transfer import pki
 from transfer.client import Credentials, client_ssl_context
-from transfer.config import DaemonConfig, NodeAddr
+from transfer.config import NodeAddr
 from transfer.daemon import ServerThread
-
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-
-
-def write_ct(path: Path, *, study: str, series: str, sop: str, rows: int = 16, cols: int = 16,
-             seed: int = 0, index: int = 0) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.Modality = "CT"
-    ds.PatientName = "Test^Patient"
-    ds.PatientID = "T0001"
-    ds.InstanceNumber = index + 1
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    rng = np.random.default_rng(seed * 100003 + index)
-    ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def make_series(out: Path, n: int, *, rows: int = 16, cols: int = 16, seed: int = 0) -> list[Path]:
-    study = generate_uid(entropy_srcs=[f"study-{seed}"])
-    series = generate_uid(entropy_srcs=[f"series-{seed}"])
-    return [
-        write_ct(out / f"slice{i:04d}.dcm", study=study, series=series,
-                 sop=generate_uid(entropy_srcs=[f"sop-{seed}-{i}"]), rows=rows, cols=cols,
-                 seed=seed, index=i)
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -70,20 +26,9 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def creds(pki_dir: Path) -> Credentials:
-    return Credentials(client_ssl_context(str(pki_dir / "ca.crt")), (pki_dir / "token").read_text().strip())
-
-
-def node_config(root: Path, pki_dir: Path | None, **kw: object) -> DaemonConfig:
-    cfg = DaemonConfig(bind="127.0.0.1", port=0, storage_root=str(root), idle_timeout=10.0)
-    if pki_dir is None:
-        cfg.insecure_plaintext = True
-    else:
-        cfg.tls_cert = str(pki_dir / "node.crt")
-        cfg.tls_key = str(pki_dir / "node.key")
-        cfg.token_file = str(pki_dir / "token")
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return Credentials(
+        client_ssl_context(str(pki_dir / "ca.crt")), (pki_dir / "token").read_text().strip()
+    )
 
 
 @pytest.fixture
@@ -96,8 +41,3 @@ def node(tmp_path: Path, pki_dir: Path) -> Iterator[tuple[ServerThread, NodeAddr
 def plain_node(tmp_path: Path) -> Iterator[tuple[ServerThread, NodeAddr]]:
     with ServerThread(node_config(tmp_path / "plainstore", None, erl3d_port=0)) as srv:
         yield srv, NodeAddr("127.0.0.1", srv.port)
-
-
-def copy_testfile(name: str, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy(TEST_FILES / name, dest / name))

@@ -16,15 +16,43 @@ from transfer.synth import SynthError, generate_series
 
 # Attributes the CT Image IOD requires (type 1/2) across its mandatory modules.
 REQUIRED = [
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber", "Modality", "SeriesInstanceUID", "SeriesNumber",
-    "FrameOfReferenceUID", "PositionReferenceIndicator", "Manufacturer",
-    "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
-    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
-    "BitsStored", "HighBit", "PixelRepresentation", "PixelData",
-    "ImageType", "RescaleIntercept", "RescaleSlope", "KVP", "AcquisitionNumber",
-    "SOPClassUID", "SOPInstanceUID", "InstanceNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelData",
+    "ImageType",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "KVP",
+    "AcquisitionNumber",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "InstanceNumber",
 ]
 
 
@@ -95,15 +123,33 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "s"
     res = subprocess.run(
-        [sys.executable, "-m", "transfer.synth", str(out), "--slices", "2", "--rows", "32",
-         "--cols", "32", "--kind", "compressed"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "transfer.synth",
+            str(out),
+            "--slices",
+            "2",
+            "--rows",
+            "32",
+            "--cols",
+            "32",
+            "--kind",
+            "compressed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert res.returncode == 0, res.stderr
     assert "wrote 2 compressed slices" in res.stdout
     assert len(list(out.glob("*.dcm"))) == 2
     bad = subprocess.run(
         [sys.executable, "-m", "transfer.synth", str(out), "--slices", "0"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert bad.returncode == 2 and "slices must be" in bad.stderr
