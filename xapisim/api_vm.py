@@ -418,9 +418,11 @@ def _start(m: XapiModel, ctx: Ctx, vm: str, host: str | None, paused: bool, op: 
             assert_can_boot_here(m, db, vm, host)
         db.set("VM", vm, "scheduled_to_be_resident_on", host)
         refresh_host_memory(m, db, host)
+        set_progress(m, ctx, 0.1)
         m.notify()
         try:
             m.delay(f"VM.{op}")
+            set_progress(m, ctx, 0.9)
             if not db.exists("VM", vm):
                 raise errors.failure("HANDLE_INVALID", "VM", vm)
             gm = db.get("VM", vm)["guest_metrics"]

@@ -27,6 +27,7 @@ from .wire import Int32, now, task_result
 
 log = logging.getLogger("xapisim")
 
+SESSION_LIMIT = 500  # per originator (xapi_globs.ml max_sessions_per_originator)
 EMERGENCY_CALLS = {
     "pool.emergency_transition_to_master",
     "pool.emergency_reset_master",
@@ -290,8 +291,16 @@ class XapiModel:
             raise errors.failure("HOST_IS_SLAVE", node.master_address)
         self.check_credentials(username, password)
         assert node.db is not None
-        return node.db.create(
-            "session", this_host=self.host_ref(node.db, node), last_active=now(),
+        db = node.db
+        # xapi_session.ml / db_gc_util.ml: at most 500 sessions per originator (and per user name
+        # when there is no originator); the oldest ones are destroyed
+        key = "originator" if originator else "auth_user_name"
+        value = originator or username
+        same = [r for r, rec in db.all("session") if rec[key] == value and not rec["pool"]]
+        for old in same[: max(0, len(same) - (SESSION_LIMIT - 1))]:
+            db.destroy("session", old)
+        return db.create(
+            "session", this_host=self.host_ref(db, node), last_active=now(),
             validation_time=now(), pool=False, is_local_superuser=True, originator=originator,
             auth_user_name=username, this_user=NULL, subject=NULL, parent=NULL,
         )

@@ -217,3 +217,17 @@ def test_sdk_relogin_on_session_invalid_and_api_version(sim: SimServer) -> None:
     getattr(other, "session.logout")(old)  # the server forgets s's session behind its back
     assert s.xenapi.VM.get_all()  # SESSION_INVALID -> the SDK logs in again and retries
     assert s.handle != old
+
+
+def test_sessions_are_capped_per_originator(sim: SimServer) -> None:
+    from xapisim.models import SESSION_LIMIT
+    s = sim.session("host-1", login=False)
+    login = getattr(s, "session.login_with_password")
+    first = login(sim.username, sim.password, "", "leaky")["Value"]
+    for _ in range(SESSION_LIMIT):
+        login(sim.username, sim.password, "", "leaky")
+    assert getattr(s, "VM.get_all")(first)["ErrorDescription"] == ["SESSION_INVALID", first]
+    with sim.model.lock:
+        db = sim.model.nodes["host-1"].db
+        assert db is not None
+        assert len(db.find("session", originator="leaky")) == SESSION_LIMIT
