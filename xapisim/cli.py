@@ -38,11 +38,13 @@ def main() -> None:
               help="directory for certificates and the credentials file [a temp dir]")
 @click.option("--no-tls", is_flag=True, help="plain HTTP (not what real hosts do)")
 @click.option("--sync-interval", type=float, default=None, help="seconds between DB syncs to slaves [5]")
+@click.option("--join", "join", is_flag=True,
+              help="join every other host to host-1 at start (via pool.join, as a client would)")
 @click.option("--guest-cidr", default=None,
               help="memory backend: where synthetic guest IPs come from [10.213.128.0/17]")
 def serve(hosts: int | None, backend: str | None, config_file: str | None, latency: str | None,
           port: int | None, address_prefix: str | None, workdir: str | None, no_tls: bool,
-          sync_interval: float | None, guest_cidr: str | None) -> None:
+          sync_interval: float | None, join: bool, guest_cidr: str | None) -> None:
     overrides: dict[str, Any] = {"hosts": hosts, "backend": backend, "latency": latency, "port": port,
                  "address_prefix": address_prefix, "workdir": workdir,
                  "sync_interval": sync_interval, "tls": False if no_tls else None}
@@ -60,6 +62,13 @@ def serve(hosts: int | None, backend: str | None, config_file: str | None, laten
     except (XapisimError, ValueError, OSError) as e:
         click.echo(f"xapisim: error: {e}", err=True)
         sys.exit(1)
+    try:
+        if join:
+            sim.join_all()
+    except Exception as e:  # XenAPI.Failure or a connection error: report, clean up, fail
+        sim.stop()
+        click.echo(f"xapisim: error: {e}", err=True)
+        sys.exit(1)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -68,7 +77,8 @@ def serve(hosts: int | None, backend: str | None, config_file: str | None, laten
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        click.echo(f"xapisim: {len(sim.hosts)} standalone hosts, backend {sim.backend.name}, "
+        shape = f"a pool of {len(sim.hosts)} (master host-1)" if join else f"{len(sim.hosts)} standalone hosts"
+        click.echo(f"xapisim: {shape}, backend {sim.backend.name}, "
                    f"port {sim.port}, {'HTTPS' if sim.config.tls else 'HTTP'}")
         for h in sim.hosts:
             fp = sim.fingerprints.get(h.name, "")

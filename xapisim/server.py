@@ -495,6 +495,13 @@ class SimServer:
             s.xenapi.login_with_password(self.username, self.password, "2.21", originator)
         return s
 
+    def join_all(self, master: str | None = None) -> None:
+        """Join every other host to ``master`` (default host-1) with pool.join over the wire."""
+        target = self.host(master or self.hosts[0].name)
+        for h in self.hosts:
+            if h.name != target.name:
+                self.session(h.name).xenapi.pool.join(target.address, self.username, self.password)
+
     def master_name(self) -> str:
         """The first live host that believes it is a master (pools of one included)."""
         for h in self.hosts:

@@ -21,7 +21,7 @@ XAPISIM = [sys.executable, "-m", "xapisim.cli"]
 
 def test_serve_lists_hosts_writes_credentials_and_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "sim"
-    proc = subprocess.Popen([*XAPISIM, "serve", "--hosts", "2", "--workdir", str(workdir)],
+    proc = subprocess.Popen([*XAPISIM, "serve", "--hosts", "2", "--join", "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines: list[str] = []
@@ -36,17 +36,20 @@ def test_serve_lists_hosts_writes_credentials_and_cleans_up(tmp_path: Path) -> N
                 break
         text = "".join(lines)
         assert "host-1" in text and "host-2" in text and "https://127." in text, text
+        assert "a pool of 2" in text
         cred_path = Path(next(ln.split()[1] for ln in lines if ln.startswith("credentials:")))
         assert stat.S_IMODE(cred_path.stat().st_mode) == 0o600
         creds = json.loads(cred_path.read_text())
         assert creds["password"] not in text  # never printed
-        host = creds["hosts"][1]
+        host = creds["hosts"][0]
         import ssl
         import xmlrpc.client
         transport = xmlrpc.client.SafeTransport(context=ssl.create_default_context(cafile=creds["ca_file"]))
         s = XenAPI.Session(host["url"], transport=transport)
         s.xenapi.login_with_password(creds["username"], creds["password"], "", "test")
-        assert s.xenapi.host.get_address(s.xenapi.host.get_all()[0]) == host["address"]
+        assert len(s.xenapi.host.get_all()) == 2  # joined
+        pool = s.xenapi.pool.get_all()[0]
+        assert s.xenapi.host.get_address(s.xenapi.pool.get_master(pool)) == host["address"]
         s.xenapi.session.logout()
         s("close")()
     finally:
