@@ -304,11 +304,11 @@ class SimServer:
         cfg = self.config
         if cfg.workdir:
             self.workdir = Path(cfg.workdir)
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            if not self.workdir.exists():
+                self.workdir.mkdir(parents=True, mode=0o700)
         else:
-            self.workdir = Path(tempfile.mkdtemp(prefix="xapisim-"))
+            self.workdir = Path(tempfile.mkdtemp(prefix="xapisim-"))  # 0700
             self._own_workdir = True
-        self.workdir.chmod(0o700)
         try:
             self._start()
         except BaseException:
