@@ -278,7 +278,8 @@ class Storescp:
         log = open(self.workdir / "storescp.out", "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = self.spawn(
-                [exe, "--fork", "+xa", "-pdu", "131072", "-od", str(self.out), "-aet", "BENCHSCP",
+                [exe, "--fork", "+xa", "-dhl", "-pdu", "131072", "-od", str(self.out), "-aet",
+                 "BENCHSCP",
                  str(self.port)],
                 env={"TCP_NODELAY": "1"}, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)

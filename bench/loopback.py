@@ -57,6 +57,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 
+DCMTK_ENV = {"TCP_NODELAY": "1"}  # dcmtk leaves Nagle on by default (FAQ #48)
 FTPPUT = Path(__file__).resolve().parent / "ftpput.py"
 ALL_METHODS = (
     "medstream-tls-1", "medstream-tls-5", "medstream-plain-1", "medstream-plain-5",
@@ -176,14 +177,14 @@ def run_dcmtk(ctx: Ctx, method: str, repeat: int) -> Sample:
     with scratch(ctx.tmp, f"run-{method}") as work:
         server = Storescp(work).start()
         try:
-            shares = [ctx.files[i::k] for i in range(k)]
+            shares = [share for i in range(k) if (share := ctx.files[i::k])]
             argvs = [storescu_argv(server.host, server.port, share, rle=ctx.kind == "compressed")
                      for share in shares]
-            if k == 1:
-                res = run_timed(argvs[0], timeout=ctx.timeout)
+            if len(shares) == 1:
+                res = run_timed(argvs[0], env=DCMTK_ENV, timeout=ctx.timeout)
                 seconds, rss, rcs, errs = res.seconds, res.maxrss_kb, [res.returncode], res.stderr
             else:
-                seconds, rss, rcs, errs = _parallel(argvs, ctx.timeout)
+                seconds, rss, rcs, errs = _parallel(argvs, ctx.timeout, DCMTK_ENV)
             if any(rcs):
                 raise BenchError(f"{method}: storescu exit codes {rcs}: {tail(errs)}")
             nfiles, nbytes = tree_stats(server.out)
@@ -192,7 +193,8 @@ def run_dcmtk(ctx: Ctx, method: str, repeat: int) -> Sample:
     return _sample(ctx, method, repeat, seconds, rss, nfiles, nbytes, {})
 
 
-def _parallel(argvs: Sequence[Sequence[str]], timeout: float) -> tuple[float, int, list[int], str]:
+def _parallel(argvs: Sequence[Sequence[str]], timeout: float,
+              env: dict[str, str] | None = None) -> tuple[float, int, list[int], str]:
     """K client processes at once; wall time from the first spawn to the last exit."""
     import threading
 
@@ -200,7 +202,7 @@ def _parallel(argvs: Sequence[Sequence[str]], timeout: float) -> tuple[float, in
 
     def one(i: int) -> None:
         try:
-            results[i] = run_timed(argvs[i], timeout=timeout)
+            results[i] = run_timed(argvs[i], env=env, timeout=timeout)
         except BenchError as exc:
             results[i] = exc
 

@@ -300,7 +300,7 @@ def run_one(b: Bench, profile: str, regime: str, payload: str, method: str, node
         timeout = 120 + 4 * nbytes / rate
         before = b.stored(method, nodes)[0]
         res = run_timed(b.argv(method, nodes, src, copy, report, tag, payload), spawn=b.ws.popen,
-                        timeout=timeout)
+                        env={"TCP_NODELAY": "1"} if method == "dcmtk" else None, timeout=timeout)
         if res.returncode != 0:
             raise BenchError(f"{method} x{nodes}: exit {res.returncode}: "
                              f"{tail(res.stderr or res.stdout)}")

@@ -1,0 +1,122 @@
+"""The benchmark harnesses run end to end on a tiny series, so they cannot rot.
+
+No timing is asserted: the figures are the benchmark scripts' business. These tests check that
+every method really delivered every file, that the outputs are written in their documented
+shape, and the helpers (UID relabelling, targets) behave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.table4 import check_targets, parse_scale, relabel  # noqa: E402
+from transfer.synth import generate_series  # noqa: E402
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="vsftpd upload dir and labs need root")
+
+
+def test_relabel_gives_a_new_study_with_valid_same_length_uids(tmp_path: Path) -> None:
+    files = generate_series(tmp_path / "src", slices=3, rows=32, cols=32)
+    a = relabel(files, tmp_path / "a", tag=1)
+    b = relabel(files, tmp_path / "b", tag=2)
+    orig = [pydicom.dcmread(f) for f in files]
+    for copies in (a, b):
+        ds = [pydicom.dcmread(f) for f in copies]
+        assert len({d.StudyInstanceUID for d in ds}) == 1
+        assert len({d.SeriesInstanceUID for d in ds}) == 1
+        assert len({d.SOPInstanceUID for d in ds}) == 3
+        for d, o in zip(ds, orig, strict=True):
+            assert d.SOPInstanceUID != o.SOPInstanceUID
+            assert len(d.SOPInstanceUID) == len(o.SOPInstanceUID)
+            assert d.file_meta.MediaStorageSOPInstanceUID == d.SOPInstanceUID
+            assert d.StudyInstanceUID != o.StudyInstanceUID
+            assert (d.pixel_array == o.pixel_array).all()
+        assert [f.stat().st_size for f in copies] == [f.stat().st_size for f in files]
+    assert pydicom.dcmread(a[0]).SOPInstanceUID != pydicom.dcmread(b[0]).SOPInstanceUID
+
+
+def test_scale_parsing() -> None:
+    assert parse_scale("0.5", ["lan", "adsl"]) == {"lan": 0.5, "adsl": 0.5}
+    assert parse_scale("adsl=0.1", ["lan", "adsl"]) == {"lan": 1.0, "adsl": 0.1}
+    with pytest.raises(SystemExit):
+        parse_scale("2", ["lan"])
+
+
+def test_targets_are_judged_from_figures() -> None:
+    base = {"profile": "tanet", "regime": "shared", "payload": "compressed", "seconds_sd": 0.1}
+    summary = [
+        {**base, "method": "medstream", "nodes": 5, "goodput_pct_link": 94.0,
+         "goodput_mbit_mean": 94.0, "seconds_mean": 7.0},
+        {**base, "method": "medstream", "nodes": 30, "goodput_pct_link": 80.0,
+         "goodput_mbit_mean": 80.0, "seconds_mean": 8.0},
+        {**base, "method": "ftp", "nodes": 1, "goodput_pct_link": 93.0,
+         "goodput_mbit_mean": 93.0, "seconds_mean": 7.1},
+    ]
+    got = {t["target"]: t["met"] for t in check_targets(summary, 1 / 8, 4)}
+    assert got["tanet/shared/compressed: medstream x5 goodput >= 93% of link"] is True
+    assert got["tanet/shared/compressed: medstream x30 goodput >= 93% of link"] is False
+    assert got["tanet/shared/compressed: 30 nodes no slower than 5"] is False
+    assert got["tanet/shared/compressed: medstream >= FTP in the same run"] is True
+
+
+@needs_root
+def test_loopback_harness_on_a_tiny_series(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "loopback.py"), "--slices", "4", "--rows", "64",
+         "--cols", "64", "--repeats", "1", "--rss-slices", "0", "--tmp", str(tmp_path),
+         "--out", str(out), "--methods",
+         "medstream-tls-1,medstream-plain-5,medstream-tls-zstd-5,vsftpd-1,vsftpd-5,dcmtk-1,"
+         "dcmtk-5"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-2000:]
+    data = json.loads((out / "loopback.json").read_text())
+    assert set(data["summary"]) == {"medstream-tls-1", "medstream-plain-5",
+                                    "medstream-tls-zstd-5", "vsftpd-1", "vsftpd-5", "dcmtk-1",
+                                    "dcmtk-5"}
+    for s in data["samples"]:
+        assert s["stored_files"] == 4, s
+        assert s["mbps"] > 0 and s["client_rss_mb"] > 1
+        if not s["method"].startswith("dcmtk"):  # storescp re-encodes; the others keep bytes
+            assert s["stored_bytes"] == s["bytes"], s
+    assert "medstream-tls-1 / vsftpd-1" in data["ratios"]
+    md = (out / "loopback.md").read_text()
+    assert "| medstream-tls-1 | TLS + token |" in md
+    # nothing left behind on the scratch filesystem but the generated series cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
+
+
+@pytest.mark.lab
+@needs_root
+def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "table4.py"), "--profiles", "tanet",
+         "--regimes", "shared,perflow", "--payloads", "compressed", "--nodes", "1,2",
+         "--methods", "medstream,medstream-zstd,medstream-c1,erl3d,ftp,dcmtk", "--repeats", "1",
+         "--slices", "4", "--rows", "64", "--cols", "64", "--tmp", str(tmp_path),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=500, check=False)
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-2000:]
+    data = json.loads((out / "table4.json").read_text())
+    assert "no netem" in data["note"]
+    cells = {(s["regime"], s["method"], s["nodes"]) for s in data["summary"]}
+    assert ("shared", "medstream", 2) in cells and ("perflow", "medstream-c1", 2) in cells
+    assert ("shared", "erl3d", 1) in cells and ("shared", "ftp", 1) in cells
+    assert ("perflow", "dcmtk", 1) in cells
+    assert all(r["stored_files"] == 4 for r in data["runs"])
+    assert data["targets"], "targets are evaluated"
+    md = (out / "table4.md").read_text()
+    assert "no netem" in md and "| network | streaming 1 node |" in md
+    assert (out / "table4.png").stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
