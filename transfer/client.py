@@ -508,7 +508,12 @@ class _Uploader:
         self.stats.started = time.monotonic()
         try:
             if self.resume and self.queue:
-                await self._skip_present()
+                try:
+                    await self._skip_present()
+                except AuthError as exc:
+                    self.last_error = str(exc)
+                    while self.queue:
+                        self._fail(self.queue.popleft(), str(exc))
             n = min(self.connections, len(self.queue))
             if n:
                 async with asyncio.TaskGroup() as tg:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib
 import hmac
+import importlib
 import json
 import logging
 import os

@@ -1,0 +1,425 @@
+"""The daemon and the uploader over real loopback sockets (TLS unless a test says otherwise)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import ssl
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from transfer_helpers import TEST_FILES, copy_testfile, make_series, node_config
+
+from transfer.client import (
+    Credentials,
+    NodeSession,
+    client_ssl_context,
+    fetch,
+    scan,
+    upload_dir,
+    upload_files,
+)
+from transfer.config import NodeAddr
+from transfer.daemon import ServerThread
+from transfer.errors import AuthError, NodeError
+from transfer.protocol import (
+    NEED_DATA,
+    Ack,
+    Connection,
+    ConnectionClosed,
+    Data,
+    EndOfBody,
+    Error,
+    Event,
+    FileHeader,
+    FrameType,
+    Hello,
+    Role,
+    Welcome,
+)
+
+SAMPLES = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "ExplVR_BigEnd.dcm",
+    "image_dfl.dcm",
+    "JPEG2000.dcm",
+    "rtplan.dcm",
+    "waveform_ecg.dcm",
+    "liver_1frame.dcm",
+    "SC_rgb_rle_2frame.dcm",
+]
+BROKEN = ["MR_truncated.dcm", "rtplan_truncated.dcm", "no_meta.dcm"]
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".medstream" not in p.parts
+    }
+
+
+def two_nodes(tmp_path: Path, pki_dir: Path, **kw: object) -> tuple[ServerThread, ServerThread]:
+    a = ServerThread(node_config(tmp_path / "n1", pki_dir, node_name="n1", **kw)).start()
+    b = ServerThread(node_config(tmp_path / "n2", pki_dir, node_name="n2", **kw)).start()
+    return a, b
+
+
+def test_pydicom_samples_round_trip_byte_identical(
+    tmp_path: Path, pki_dir: Path, creds: Credentials
+) -> None:
+    src = tmp_path / "study"
+    for name in SAMPLES + BROKEN:
+        copy_testfile(name, src / ("sub" if name.startswith("MR") else ""))
+    copy_testfile("MR_small_bigendian.dcm", src / "z")  # same SOP Instance UID as MR_small
+    a, b = two_nodes(tmp_path, pki_dir)
+    try:
+        nodes = [NodeAddr("127.0.0.1", a.port, "n1"), NodeAddr("127.0.0.1", b.port, "n2")]
+        rep = upload_dir(src, nodes, creds, replicas=2)
+        d = rep.as_dict()
+        assert not rep.ok  # the broken ones were rejected...
+        rejected = {r["name"].split("/")[-1]: r["reason"] for r in d["rejected"]}
+        assert sorted(rejected) == sorted([*BROKEN, "MR_small_bigendian.dcm"])
+        assert "duplicate SOP Instance UID" in rejected["MR_small_bigendian.dcm"]
+        assert "truncated" in rejected["MR_truncated.dcm"]
+        assert "DICM" in rejected["no_meta.dcm"]
+        assert d["failed"] == []  # ...and everything else stored, on both replicas
+        assert d["total"]["files"] == 2 * len(SAMPLES)
+        assert [n["files"] for n in d["nodes"]] == [len(SAMPLES), len(SAMPLES)]
+        for n in d["nodes"]:
+            assert n["bytes"] > 0 and n["seconds"] > 0 and n["mb_per_s"] > 0
+        # Retrieval: byte-identical, at <study>/<series>/<sop>.dcm
+        out = tmp_path / "out"
+        got = asyncio.run(fetch(nodes, creds, out))
+        assert len(got) == len(SAMPLES)
+        originals = {hashlib.sha256((TEST_FILES / n).read_bytes()).hexdigest() for n in SAMPLES}
+        assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in got} == originals
+        # Resume: a re-run sends nothing.
+        again = upload_dir(src, nodes, creds, replicas=2).as_dict()
+        assert again["total"]["already"] == 2 * len(SAMPLES) and again["total"]["bytes"] == 0
+        assert all(n["wire_bytes"] == 0 for n in again["nodes"])
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_placement_spreads_and_zstd(tmp_path: Path, pki_dir: Path, creds: Credentials) -> None:
+    make_series(tmp_path / "s", 40, rows=64, cols=64, seed=1)
+    a, b = two_nodes(tmp_path, pki_dir)
+    try:
+        nodes = [NodeAddr("127.0.0.1", a.port, "n1"), NodeAddr("127.0.0.1", b.port, "n2")]
+        d = upload_dir(
+            tmp_path / "s", nodes, creds, compression="zstd", connections_per_node=3
+        ).as_dict()
+        assert d["ok"], d["failed"]
+        counts = [n["files"] for n in d["nodes"]]
+        assert sum(counts) == 40 and min(counts) >= 10  # rendezvous hashing spreads
+        assert all(n["wire_bytes"] < n["bytes"] for n in d["nodes"])  # 12-bit noise compresses
+        stored = {**files_under(tmp_path / "n1"), **files_under(tmp_path / "n2")}
+        assert sorted(hashlib.sha256(v).hexdigest() for v in stored.values()) == sorted(
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s").iterdir()
+        )
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_wrong_token_wrong_ca_and_plaintext_are_refused(
+    node: tuple[ServerThread, NodeAddr], pki_dir: Path, tmp_path: Path
+) -> None:
+    _, addr = node
+    bad = Credentials(client_ssl_context(str(pki_dir / "ca.crt")), "not-the-token-at-all")
+    with pytest.raises(AuthError, match="wrong token"):
+        asyncio.run(NodeSession(addr, bad).open())
+    from transfer import pki
+
+    other = tmp_path / "otherca"
+    pki.init_ca(other)
+    with pytest.raises(AuthError, match="certificate"):
+        asyncio.run(
+            NodeSession(addr, Credentials(client_ssl_context(str(other / "ca.crt")), "x")).open()
+        )
+    with pytest.raises(NodeError):
+        asyncio.run(NodeSession(addr, Credentials.plaintext()).open(timeout=5))
+    make_series(tmp_path / "s", 2)
+    d = upload_dir(tmp_path / "s", [addr], bad).as_dict()
+    assert not d["ok"] and all("wrong token" in f["reason"] for f in d["failed"])
+
+
+def test_mutual_tls(tmp_path: Path, pki_dir: Path) -> None:
+    cfg = node_config(tmp_path / "root", pki_dir, client_ca=str(pki_dir / "ca.crt"))
+    token = (pki_dir / "token").read_text().strip()
+    with ServerThread(cfg) as srv:
+        addr = NodeAddr("127.0.0.1", srv.port)
+        no_cert = Credentials(client_ssl_context(str(pki_dir / "ca.crt")), token)
+        with pytest.raises((NodeError, AuthError)):
+            asyncio.run(_ping(addr, no_cert))
+        with_cert = Credentials(
+            client_ssl_context(
+                str(pki_dir / "ca.crt"),
+                str(pki_dir / "workstation.crt"),
+                str(pki_dir / "workstation.key"),
+            ),
+            token,
+        )
+        assert asyncio.run(_ping(addr, with_cert))["instances"] == 0
+
+
+async def _ping(addr: NodeAddr, creds: Credentials) -> dict[str, object]:
+    async with NodeSession(addr, creds) as s:
+        result: dict[str, object] = await s.call("ping")
+        return result
+
+
+# ---------------------------------------------------------------------------- raw frames
+
+
+class Raw:
+    """A blocking client socket speaking frames by hand, for fault tests."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.sock: socket.socket = (
+            ctx.wrap_socket(sock, server_hostname="127.0.0.1") if ctx else sock
+        )
+        self.conn = Connection(Role.CLIENT)
+
+    def hello(self, token: str = "") -> Event:
+        self.send(Hello(token=token))
+        return self.event()
+
+    def send(self, ev: Event) -> None:
+        self.sock.sendall(self.conn.send(ev))
+
+    def event(self) -> Event:
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                assert isinstance(ev, Event)
+                return ev
+            self.conn.receive_data(self.sock.recv(65536))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sop_header(i: int, data: bytes, **kw: object) -> FileHeader:
+    base: dict[str, object] = dict(
+        file_id=i,
+        name=f"x{i}.dcm",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        kind="other",
+        sop_uid="",
+        study_uid="",
+        series_uid="",
+    )
+    base.update(kw)
+    return FileHeader(**base)  # type: ignore[arg-type]
+
+
+def still_serves(port: int) -> None:
+    r = Raw(port)
+    assert isinstance(r.hello(), Welcome)
+    data = b"still here %f" % time.time()
+    r.send(sop_header(0, data))
+    r.send(Data(data))
+    r.send(EndOfBody())
+    ack = r.event()
+    assert isinstance(ack, Ack) and ack.status == "stored", ack
+    r.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "protocol"),
+        (struct.pack(">BI", FrameType.DATA, 1 << 30), "frame-too-large"),
+        (struct.pack(">BI", FrameType.HELLO, 3) + b"{{{", "protocol"),
+    ],
+)
+def test_garbage_and_oversize_frames_get_an_error_and_the_node_keeps_serving(
+    plain_node: tuple[ServerThread, NodeAddr], raw: bytes, code: str
+) -> None:
+    srv, _ = plain_node
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    s.sendall(raw)
+    conn = Connection(Role.CLIENT)
+    conn.send(Hello())  # so the client side accepts an ERROR frame
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    s.close()
+    conn.receive_data(got)
+    ev = conn.next_event()
+    assert isinstance(ev, Error) and ev.code == code, ev
+    still_serves(srv.port)
+
+
+def test_truncated_frames_leave_nothing_partial(
+    plain_node: tuple[ServerThread, NodeAddr], tmp_path: Path
+) -> None:
+    srv, _ = plain_node
+    root = Path(srv.cfg.storage_root)
+    data = b"z" * 300000
+    r = Raw(srv.port)
+    assert isinstance(r.hello(), Welcome)
+    r.send(sop_header(0, data))
+    r.sock.sendall(r.conn.send(Data(data[:200000]))[:150000])  # a DATA frame cut short
+    r.close()
+    deadline = time.monotonic() + 10
+    while srv.server is not None and srv.server.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert files_under(root) == {}
+    assert not list(root.rglob(".tmp-*"))
+    still_serves(srv.port)
+
+
+def test_bad_names_and_uids_in_headers_are_refused_per_file(
+    plain_node: tuple[ServerThread, NodeAddr], tmp_path: Path
+) -> None:
+    srv, _ = plain_node
+    root = Path(srv.cfg.storage_root).resolve()
+    r = Raw(srv.port)
+    assert isinstance(r.hello(), Welcome)
+    evil = ["../../../escaped", "/etc/passwd", "a\x00b", "C:\\x"]
+    for i, name in enumerate(evil):
+        r.send(sop_header(i, b"data", name=name))
+        r.send(Data(b"data"))
+        r.send(EndOfBody())
+    ct = (TEST_FILES / "CT_small.dcm").read_bytes()
+    # A DICOM file whose header claims UIDs the file does not have.
+    r.send(sop_header(9, ct, kind="dicom", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4"))
+    r.send(Data(ct))
+    r.send(EndOfBody())
+    # A file declared DICOM that is not.
+    r.send(
+        sop_header(
+            10, b"not dicom", kind="dicom", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.5"
+        )
+    )
+    r.send(Data(b"not dicom"))
+    r.send(EndOfBody())
+    acks = [r.event() for _ in range(len(evil) + 2)]
+    r.close()
+    assert all(isinstance(a, Ack) and a.status == "error" for a in acks)
+    messages = [a.message for a in acks if isinstance(a, Ack)]
+    assert "escape" in messages[0] and "absolute" in messages[1] and "NUL" in messages[2]
+    assert "do not match" in messages[4]
+    assert "not a valid DICOM file" in messages[5]
+    assert files_under(root) == {}
+    assert not (tmp_path / "escaped").exists()
+    still_serves(srv.port)
+
+
+def test_digest_mismatch_is_an_error_ack(plain_node: tuple[ServerThread, NodeAddr]) -> None:
+    srv, _ = plain_node
+    r = Raw(srv.port)
+    r.hello()
+    r.send(sop_header(0, b"abcd", sha256=hashlib.sha256(b"other").hexdigest()))
+    r.send(Data(b"abcd"))
+    r.send(EndOfBody())
+    ack = r.event()
+    assert isinstance(ack, Ack) and ack.status == "error" and "sha256 mismatch" in ack.message
+    r.close()
+
+
+def test_idle_clients_are_dropped(tmp_path: Path, pki_dir: Path) -> None:
+    with (
+        ServerThread(node_config(tmp_path / "p", None, idle_timeout=0.5)) as plain,
+        ServerThread(node_config(tmp_path / "t", pki_dir, idle_timeout=0.5)) as tls,
+    ):
+        t0 = time.monotonic()
+        socks = [
+            socket.create_connection(("127.0.0.1", p), timeout=10) for p in (plain.port, tls.port)
+        ]
+        for s in socks:  # nothing sent; the node closes (after an ERROR frame on plaintext)
+            while s.recv(65536):
+                pass
+            s.close()
+        assert time.monotonic() - t0 < 8
+        still_serves(plain.port)
+
+
+def test_max_connections(tmp_path: Path) -> None:
+    with ServerThread(node_config(tmp_path / "p", None, max_connections=2)) as srv:
+        held = [Raw(srv.port), Raw(srv.port)]
+        for h in held:
+            assert isinstance(h.hello(), Welcome)
+        extra = Raw(srv.port)
+        extra.conn.send(Hello())
+        ev = extra.event()
+        assert isinstance(ev, Error) and ev.code == "busy"
+        extra.close()
+        for h in held:
+            h.close()
+        deadline = time.monotonic() + 10
+        while srv.server is not None and srv.server.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        still_serves(srv.port)
+
+
+def test_conflict_over_the_wire(
+    tmp_path: Path, pki_dir: Path, creds: Credentials, node: tuple[ServerThread, NodeAddr]
+) -> None:
+    _, addr = node
+    src = copy_testfile("CT_small.dcm", tmp_path / "a")
+    assert upload_dir(tmp_path / "a", [addr], creds).ok
+    altered = bytearray(src.read_bytes())
+    altered[-2] ^= 0x55  # same SOP Instance UID, different pixels
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "CT_small.dcm").write_bytes(altered)
+    d = upload_dir(tmp_path / "b", [addr], creds).as_dict()
+    assert not d["ok"]
+    assert (
+        "conflict" in d["failed"][0]["reason"]
+        and "refusing to overwrite" in d["failed"][0]["reason"]
+    )
+
+
+def test_unreachable_node_reports_failure_quickly(tmp_path: Path, creds: Credentials) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    make_series(tmp_path / "s", 3)
+    sc = scan(tmp_path / "s")
+    rep = asyncio.run(upload_files(sc.files, [NodeAddr("127.0.0.1", port)], creds, retries=1))
+    assert not rep.ok and len(rep.failed) == 3
+    assert "cannot connect" in rep.failed[0]["reason"] or "unreachable" in rep.failed[0]["reason"]
+
+
+def test_json_report_shape(
+    tmp_path: Path, creds: Credentials, node: tuple[ServerThread, NodeAddr]
+) -> None:
+    _, addr = node
+    make_series(tmp_path / "s", 5)
+    d = json.loads(json.dumps(upload_dir(tmp_path / "s", [addr], creds).as_dict()))
+    assert set(d["nodes"][0]) >= {"node", "files", "bytes", "seconds", "mb_per_s"}
+    assert d["total"]["files"] == 5 and d["ok"] is True
+
+
+def test_get_of_a_missing_instance(
+    creds: Credentials, node: tuple[ServerThread, NodeAddr], tmp_path: Path
+) -> None:
+    _, addr = node
+    from transfer.errors import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        asyncio.run(fetch([addr], creds, tmp_path / "o", sop="1.2.3"))
+
+
+def test_connection_closed_event_on_bye(plain_node: tuple[ServerThread, NodeAddr]) -> None:
+    srv, _ = plain_node
+    r = Raw(srv.port)
+    r.hello()
+    from transfer.protocol import Bye
+
+    r.send(Bye())
+    assert isinstance(r.event(), ConnectionClosed)
+    r.close()
