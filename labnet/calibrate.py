@@ -19,7 +19,7 @@ from typing import Any
 
 from .lab import Lab
 from .measure import Measurement, measure
-from .shaping import PERFLOW_BUCKETS, PROFILES
+from .shaping import PROFILES, perflow_bucket
 
 
 def _buckets(m: Measurement) -> tuple[int, int]:
@@ -27,8 +27,8 @@ def _buckets(m: Measurement) -> tuple[int, int]:
     seen = []
     for r in m.receivers.values():
         for f in r["flows"]:
-            sport = int(f["peer"].rsplit(":", 1)[1])
-            seen.append(((sport ^ 5201) >> 1) % PERFLOW_BUCKETS)
+            src, sport = f["peer"].rsplit(":", 1)
+            seen.append(perflow_bucket(src, r["ip"], int(sport), r["port"]))
     return len(seen), len(set(seen))
 
 

@@ -463,7 +463,7 @@ class Lab:
 
     def shape(self, host: Host | str, profile: str = "tanet", regime: str = "shared", *,
               direction: str = "both", rate: str | int | None = None,
-              flow_cap: str | int | None = None, buckets: int = shaping.PERFLOW_BUCKETS,
+              flow_cap: str | int | None = None, flow_slots: int = shaping.FLOW_SLOTS,
               queue_packets: int | None = None) -> shaping.Shape:
         """Shape a host's access link with htb (see :mod:`labnet.shaping`). ``up`` is what the
         host sends (its eth0), ``down`` what it receives (its switch port)."""
@@ -485,7 +485,7 @@ class Lab:
         for netns, dev, key in devices:
             lines = shaping.build_commands(dev, key=key, subnet=self.subnet, own_ip=h.ip,
                                            rate_bps=rate_bps, regime=regime, flow_cap_bps=cap,
-                                           buckets=buckets, limit=limit)
+                                           flow_slots=flow_slots, limit=limit)
             shaping.apply(dev, netns, lines)
         shape = shaping.Shape(host=h.name, profile=profile if rate is None else str(rate),
                               rate_bps=rate_bps, regime=regime, direction=direction,

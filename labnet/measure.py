@@ -74,7 +74,7 @@ def receive(bind: str, port: int, flows: int, accept_timeout: float, ready: Any 
         srv.close()
     for t in threads:
         t.join(timeout=accept_timeout + 600)
-    return summarize(results)
+    return {**summarize(results), "ip": bind, "port": port}
 
 
 def summarize(flows: list[dict[str, Any]]) -> dict[str, Any]:

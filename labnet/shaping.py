@@ -15,13 +15,17 @@ Regimes:
             (u32 hash table on the destination address for upload, the source for download),
             rate R/(n+1) ceil R, equal quanta, so N active peers get R/N each (htb DRR).
 ``perflow`` each TCP/UDP connection capped at ``flow_cap`` (default R/8), the whole still bounded by R:
-            a classic-BPF classifier (cls_bpf; cls_flow is not built into this kernel) hashes
-            ``(sport ^ dport) >> 1`` onto ``buckets`` leaves of rate R/(n+1) ceil flow_cap. The hash is
-            symmetric, so both directions of a connection land in the same bucket index. Linux picks
-            connect() source ports even and steps them by 2..16 per destination, so up to 8
-            concurrent connections to one peer never share a bucket when buckets >= 64; flows to
-            different peers can (birthday odds, buckets=256: 4 flows 2%, 8 flows 10%), and then
-            share one cap. Above R/flow_cap flows the link is saturated anyway.
+            a classic-BPF classifier (cls_bpf; cls_flow is not built into this kernel) puts each
+            connection in one of 32 x ``flow_slots`` leaves (rate R/(n+1), ceil flow_cap): 32 peer
+            slots by the last octets of the two addresses (src ^ dst, mod 32: for a fixed shaped host
+            that is one slot per peer as long as the peers' last octets differ mod 32, which holds for
+            the lab's consecutive .10-.41), then ``(sport ^ dport) >> 1`` mod flow_slots within the
+            peer. Both keys are symmetric, so both directions of a connection share a bucket index.
+            Linux picks connect() source ports even and 2..16 apart per destination, so with
+            flow_slots=64 up to 8 concurrent connections to one peer never share a bucket (span at
+            most 7 x 16 / 2 = 56 < 64 slots; barring a wrap of the port range); beyond that two may
+            and then share one cap. Above
+            R/flow_cap flows the link is saturated anyway.
 
 Leaf rates sum to R: htb lets a leaf below its own rate send without asking its parent, so leaf
 rates that add up to more than R would break the link bound.
@@ -44,7 +48,8 @@ REGIMES = ("shared", "perflow")
 DIRECTIONS = ("up", "down", "both")
 MTU_FRAME = 1514
 QUANTUM = 15140           # equal for every leaf: fair DRR borrowing
-PERFLOW_BUCKETS = 256
+FLOW_SLOTS = 64           # perflow: buckets per peer
+PEER_SLOTS = 32           # perflow: peers told apart (last address octet, mod 32)
 SHARED_MINOR = 0x100      # 1:100 + last octet
 PERFLOW_MINOR = 0x400     # 1:400 + bucket
 DEFAULT_MINOR = 2
@@ -113,36 +118,61 @@ def _class(dev: str, minor: int, rate: int, ceil: int, limit: int, parent: str =
     ]
 
 
-def perflow_bytecode(buckets: int, minor_base: int = PERFLOW_MINOR) -> str:
-    """Classic BPF for cls_bpf (frames start at the Ethernet header on egress): IPv4 TCP/UDP,
-    first fragment -> classid 1:(minor_base + ((sport ^ dport) >> 1) % buckets); else no match."""
-    if buckets & (buckets - 1) or not 1 <= buckets <= 1024:
-        raise LabError(f"buckets must be a power of two up to 1024, got {buckets}")
+def perflow_bytecode(flow_slots: int, peer_slots: int = PEER_SLOTS,
+                     minor_base: int = PERFLOW_MINOR) -> str:
+    """Classic BPF for cls_bpf (frames start at the Ethernet header on egress). IPv4 TCP/UDP, first
+    fragment -> classid 1:(minor_base + bucket) with
+    bucket = ((src_last_octet ^ dst_last_octet) % peer_slots) * flow_slots
+             + ((sport ^ dport) >> 1) % flow_slots;
+    anything else: no match (htb default class)."""
+    for what, n in (("flow_slots", flow_slots), ("peer_slots", peer_slots)):
+        if n & (n - 1) or not 1 <= n <= 256:
+            raise LabError(f"{what} must be a power of two up to 256, got {n}")
+    if peer_slots * flow_slots > 4096:
+        raise LabError(f"peer_slots x flow_slots must be at most 4096, got {peer_slots * flow_slots}")
+    shift = flow_slots.bit_length() - 1
     prog = [
         (0x28, 0, 0, 12),          # 0  ldh [12]            ethertype
-        (0x15, 0, 15, 0x0800),     # 1  jeq IPv4 ? 2 : 17
+        (0x15, 0, 25, 0x0800),     # 1  jeq IPv4 ? 2 : 27
         (0x30, 0, 0, 23),          # 2  ldb [23]            protocol
         (0x15, 1, 0, 6),           # 3  jeq TCP ? 5 : 4
-        (0x15, 0, 12, 17),         # 4  jeq UDP ? 5 : 17
+        (0x15, 0, 22, 17),         # 4  jeq UDP ? 5 : 27
         (0x28, 0, 0, 20),          # 5  ldh [20]            flags + fragment offset
-        (0x45, 10, 0, 0x1FFF),     # 6  jset offset ? 17 : 7
+        (0x45, 20, 0, 0x1FFF),     # 6  jset offset ? 27 : 7
         (0xB1, 0, 0, 14),          # 7  ldxb 4*([14]&0xf)   IP header length
         (0x48, 0, 0, 14),          # 8  ldh [x+14]          source port
         (0x02, 0, 0, 0),           # 9  st M[0]
         (0x48, 0, 0, 16),          # 10 ldh [x+16]          destination port
         (0x61, 0, 0, 0),           # 11 ldx M[0]
         (0xAC, 0, 0, 0),           # 12 xor x
-        (0x74, 0, 0, 1),           # 13 rsh #1
-        (0x54, 0, 0, buckets - 1), # 14 and #(buckets-1)
-        (0x04, 0, 0, (1 << 16) | minor_base),  # 15 add #classid(1:minor_base)
-        (0x16, 0, 0, 0),           # 16 ret a
-        (0x06, 0, 0, 0),           # 17 ret #0              no match: htb default
+        (0x74, 0, 0, 1),           # 13 rsh #1              connect() ports are even
+        (0x54, 0, 0, flow_slots - 1),  # 14 and #(flow_slots-1)
+        (0x02, 0, 0, 1),           # 15 st M[1]
+        (0x30, 0, 0, 29),          # 16 ldb [29]            last octet of the source address
+        (0x02, 0, 0, 2),           # 17 st M[2]
+        (0x30, 0, 0, 33),          # 18 ldb [33]            last octet of the destination
+        (0x61, 0, 0, 2),           # 19 ldx M[2]
+        (0xAC, 0, 0, 0),           # 20 xor x
+        (0x54, 0, 0, peer_slots - 1),  # 21 and #(peer_slots-1)
+        (0x64, 0, 0, shift),       # 22 lsh #log2(flow_slots)
+        (0x61, 0, 0, 1),           # 23 ldx M[1]
+        (0x4C, 0, 0, 0),           # 24 or x
+        (0x04, 0, 0, (1 << 16) | minor_base),  # 25 add #classid(1:minor_base)
+        (0x16, 0, 0, 0),           # 26 ret a
+        (0x06, 0, 0, 0),           # 27 ret #0              no match: htb default
     ]
     return f"{len(prog)}," + ",".join(f"{c} {jt} {jf} {k}" for c, jt, jf, k in prog)
 
 
+def perflow_bucket(src_ip: str, dst_ip: str, sport: int, dport: int,
+                   flow_slots: int = FLOW_SLOTS, peer_slots: int = PEER_SLOTS) -> int:
+    """The bucket perflow_bytecode picks for a packet (for reports and tests)."""
+    peer = (int(src_ip.rsplit(".", 1)[1]) ^ int(dst_ip.rsplit(".", 1)[1])) % peer_slots
+    return peer * flow_slots + ((sport ^ dport) >> 1) % flow_slots
+
+
 def build_commands(dev: str, *, key: str, subnet: ipaddress.IPv4Network, own_ip: str,
-                   rate_bps: int, regime: str, flow_cap_bps: int, buckets: int,
+                   rate_bps: int, regime: str, flow_cap_bps: int, flow_slots: int,
                    limit: int) -> list[str]:
     """tc -batch lines for one device. key is 'dst' (upload) or 'src' (download)."""
     lines = [f"qdisc add dev {dev} root handle 1: htb default {DEFAULT_MINOR:x}"]
@@ -164,13 +194,14 @@ def build_commands(dev: str, *, key: str, subnet: ipaddress.IPv4Network, own_ip:
             lines.append(f"filter add dev {dev} parent 1: prio 1 protocol ip u32 ht 2:{last:x}: "
                          f"match ip {key} {peer}/32 flowid 1:{minor:x}")
     elif regime == "perflow":
+        buckets = PEER_SLOTS * flow_slots
         leaf_rate = max(8, rate_bps // (buckets + 1))
         per_leaf = max(8, limit // 4)
         lines += _class(dev, DEFAULT_MINOR, leaf_rate, rate_bps, limit)
         for i in range(buckets):
             lines += _class(dev, PERFLOW_MINOR + i, leaf_rate, flow_cap_bps, per_leaf)
         lines.append(f"filter add dev {dev} parent 1: prio 1 protocol ip bpf "
-                     f"bytecode \"{perflow_bytecode(buckets)}\"")
+                     f"bytecode \"{perflow_bytecode(flow_slots)}\"")
     else:
         raise LabError(f"unknown regime {regime!r}: choose one of {', '.join(REGIMES)}")
     return lines

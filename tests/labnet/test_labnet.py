@@ -12,6 +12,7 @@ import pytest
 
 from labnet import NETEM_MISSING, Lab, LabError, _sys as lsys, list_labs
 from labnet.measure import measure
+from labnet.shaping import perflow_bucket
 
 pytestmark = pytest.mark.lab
 
@@ -211,6 +212,9 @@ def test_perflow_shaping_caps_each_connection(lab: Lab) -> None:
     assert 36 < four.total_mbps <= 50.5, four.total_mbps        # ~48 measured: grows with flows
     many = measure(ws, [n1, n2], seconds=3, flows=8)             # 16 flows: the link bounds it
     assert 70 < many.total_mbps <= 101, many.total_mbps
+    buckets = {perflow_bucket(f["peer"].rsplit(":", 1)[0], r["ip"], int(f["peer"].rsplit(":", 1)[1]),
+                              r["port"]) for r in many.receivers.values() for f in r["flows"]}
+    assert len(buckets) == 16  # 8 connections per peer: each its own cap
 
 
 def test_cleanup_after_a_crashed_owner() -> None:
