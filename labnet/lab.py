@@ -188,7 +188,7 @@ class Lab:
         with _state.locked():
             st = _state.allocate(os.getpid(), Path(workdir) if workdir is not None else None)
         lab = cls(st)
-        atexit.register(lab.close)
+        atexit.register(lab._close_at_exit)
         try:
             lab._setup()
         except BaseException:
@@ -233,7 +233,12 @@ class Lab:
                         proc.wait(timeout=5)
                 self.hosts.clear()
                 with contextlib.suppress(Exception):
-                    atexit.unregister(self.close)
+                    atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        # a forked child that exits normally must not tear down its parent's lab
+        if os.getpid() == self._state["owner_pid"]:
+            self.close()
 
     @property
     def closed(self) -> bool:

@@ -266,3 +266,20 @@ def test_thirty_hosts_up_and_down() -> None:
         assert sorted(names.stdout.split()) == sorted(h.name for h in hosts), names.stderr
     assert _leftovers(prefix) == []
 
+
+
+def test_atexit_closes_an_unclosed_lab_but_not_in_a_forked_child() -> None:
+    code = (
+        "import os, socket, sys\nfrom labnet import Lab\n"
+        "lab = Lab.open()\nh = lab.add_host('a')\nprint(lab.prefix, flush=True)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n    sys.exit(0)\n"  # normal exit of a child: atexit runs there
+        "os.waitpid(pid, 0)\n"
+        "socket.create_connection((h.ip, 22), timeout=5).close()\n"
+        "print('alive after child exit', flush=True)\n"
+    )  # then the owner exits without close(): atexit tears down
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    prefix, status = cp.stdout.split("\n")[:2]
+    assert status == "alive after child exit"
+    assert _leftovers(prefix) == []
