@@ -19,8 +19,11 @@ from xenctl.up import PhaseError, down, up
 
 def test_up_sim_runs_the_phases_and_leaves_nothing(tmp_path: Path) -> None:
     inv = tmp_path / "hosts.yml"
-    out = CliRunner().invoke(cli, ["up", "--sim", "--nodes", "4", "--skip", "deploy,smoke",
+    out = CliRunner().invoke(cli, ["up", "--sim", "--sim-backend", "memory", "--nodes", "4",
                                    "--inventory", str(inv)])
+    assert out.exit_code == 1 and "no hosts to deploy to" in out.output
+    out = CliRunner().invoke(cli, ["up", "--sim", "--sim-backend", "memory", "--nodes", "4",
+                                   "--skip", "deploy,smoke", "--inventory", str(inv)])
     assert out.exit_code == 2, out.output
     assert "pool       changed" in out.output and "deploy     skipped" in out.output
     doc = yaml.safe_load(inv.read_text())
@@ -77,3 +80,24 @@ def test_up_sim_lab_backend_nodes_are_real_ssh_hosts(tmp_path: Path, nodes: int)
         prefix = lab.prefix
     assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                         text=True, check=True).stdout  # nothing left behind
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_up_sim_full_chain_then_second_run_changes_nothing(tmp_path: Path) -> None:
+    """pool -> nodes -> inventory -> ansible-playbook site.yml -> smoke (upload + fetch back),
+    on lab hosts; the second run resumes everything with no change."""
+    pytest.importorskip("xenctl.deploy")
+    from xenctl.sim import sim_cloud
+
+    inv = tmp_path / "hosts.yml"
+    with sim_cloud(5, backend="lab") as sc:
+        first = up(sc.spec, sc.password, inventory_path=inv, progress=lambda _m: None,
+                   deploy=sc.deploy)
+        states = {p.name: p for p in first.phases}
+        assert all(states[n].changed for n in ("pool", "nodes", "inventory", "deploy"))
+        assert "fetched back byte-identical" in states["smoke"].detail
+        second = up(sc.spec, sc.password, inventory_path=inv, progress=lambda _m: None,
+                    deploy=sc.deploy)
+        assert [p.name for p in second.phases if p.changed] == []
+        assert "fetched back byte-identical" in second.phases[-1].detail
