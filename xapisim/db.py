@@ -214,7 +214,17 @@ class Database:
         fcls, ffield = RELATIONS[(cls, field)]
         if fcls not in self.tables:
             return []
-        return [r for r, rec in self.tables[fcls].items() if rec.get(ffield) == ref]
+        cache = self.__dict__.setdefault("_reverse_cache", {})
+        hit = cache.get((fcls, ffield))
+        if hit is None or hit[0] != self.gen:  # every write bumps gen, so a stale index is never used
+            index: dict[str, list[str]] = {}
+            for r, rec in self.tables[fcls].items():
+                target = rec.get(ffield)
+                if isinstance(target, str):
+                    index.setdefault(target, []).append(r)
+            hit = (self.gen, index)
+            cache[(fcls, ffield)] = hit
+        return list(hit[1].get(ref, []))
 
     def field(self, cls: str, ref: str, name: str) -> Any:
         if (cls, name) in RELATIONS:
