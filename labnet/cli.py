@@ -33,7 +33,7 @@ def _up(args: argparse.Namespace) -> int:
             print("labnet: --hold 0: tearing down", file=sys.stderr)
             return 0
         print(f"labnet: holding for {args.hold:.0f}s (Ctrl-C tears down)", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM = Ctrl-C
         try:
             time.sleep(args.hold)
         except KeyboardInterrupt:

@@ -13,8 +13,10 @@ the per-flow and aggregate figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -150,8 +152,7 @@ def measure(src: Host, dsts: Sequence[Host], *, seconds: float = 5.0, flows: int
             port: int = 5201) -> Measurement:
     """Send from src to every host of dsts (flows connections each) for about ``seconds``; the
     receivers time the bytes. Bounded: fails rather than hangs."""
-    import subprocess
-    procs = {}
+    procs: dict[str, subprocess.Popen[str]] = {}
     try:
         for d in dsts:
             p = d.popen([sys.executable, "-m", "labnet.measure", "recv", "--bind", d.ip,
@@ -179,7 +180,8 @@ def measure(src: Host, dsts: Sequence[Host], *, seconds: float = 5.0, flows: int
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-                p.wait(timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+                p.communicate(timeout=10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

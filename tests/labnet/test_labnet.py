@@ -283,3 +283,24 @@ def test_atexit_closes_an_unclosed_lab_but_not_in_a_forked_child() -> None:
     prefix, status = cp.stdout.split("\n")[:2]
     assert status == "alive after child exit"
     assert _leftovers(prefix) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_cli_up_tears_down_on_ctrl_c_and_sigterm(sig: str) -> None:
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "labnet", "up", "2", "--hold", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()          # "lab msXXXX: subnet ..." once the hosts are up
+        prefix = first.split()[1].rstrip(":")
+        assert _leftovers(prefix)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "tearing down" in err
+        assert _leftovers(prefix) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
