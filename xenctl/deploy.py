@@ -372,8 +372,8 @@ def run_site(inventory: Path, *, ssh_config: Path | None = None, private_key: Pa
             cmd += ["--private-key", str(Path(private_key).resolve())]
         if vault_password_file:
             cmd += ["--vault-password-file", str(Path(vault_password_file).resolve())]
-        if limit:
-            cmd += ["--limit", limit]
+        if limit:  # the controller play must run too: it provides the wheelhouse facts
+            cmd += ["--limit", f"localhost,{limit}"]
         run = _stream(cmd, env=env, cwd=root, log_path=log_path, say=say, timeout=timeout)
     finally:
         os.unlink(vars_file)
@@ -430,6 +430,8 @@ def _stream(cmd: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path
         proc.kill()
         proc.wait(timeout=30)
         raise
+    finally:
+        proc.stdout.close()
     return _Run(rc, lines, timings)
 
 

@@ -11,12 +11,28 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+N_NODES = 3
+
+
+@dataclass
+class Deployed:
+    """A lab deployed by the module fixture in conftest.py."""
+
+    lab: Any
+    workstation: Any
+    nodes: list[Any]
+    inventory: Path
+    state: Path
+    wheelhouse: Any
+    first: Any  # xenctl.deploy.DeployResult of the first run
+    progress: list[str]
 
 #: lab hosts share /usr with the machine: no apt/dnf, no links in /usr/local/bin
 LAB_VARS: dict[str, Any] = {

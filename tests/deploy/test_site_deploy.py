@@ -1,0 +1,106 @@
+"""site.yml against real lab hosts (sshd in network namespaces): deploy, use, redeploy, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from labdeploy import N_NODES, Deployed
+
+from transfer.placement import place
+from xenctl.deploy import DeployError, run_site
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT = "/opt/medstream/venv/bin/transfer"
+
+
+def ssh(d: Deployed, script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(d.workstation.ssh_argv("sh", "-c", shlex.quote(script)),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_first_run_deploys_every_host(deployed: Deployed) -> None:
+    recap = deployed.first.recap
+    assert sorted(recap) == sorted(["localhost", "workstation",
+                                    *[n.name for n in deployed.nodes]])
+    assert all(r.failed == 0 and r.unreachable == 0 for r in recap.values())
+    assert all(recap[n.name].changed > 0 for n in deployed.nodes)
+    assert any("Wait until transferd accepts connections." in p for p in deployed.progress)
+    pki = deployed.state / "pki"
+    assert json.loads((pki / "issued.json").read_text()) == {n.name: n.ip for n in deployed.nodes}
+    assert (deployed.state / "token").stat().st_mode & 0o777 == 0o600
+
+
+def test_upload_from_the_workstation_reaches_the_nodes(deployed: Deployed) -> None:
+    script = f"""set -e
+    rm -rf /root/smoke && mkdir -p /root/smoke
+    {CLIENT} synth /root/smoke/in --slices 12 --rows 64 --cols 64 >/dev/null
+    {CLIENT} upload /root/smoke/in --json-report /root/smoke/report.json >/dev/null
+    {CLIENT} ls --json > /root/smoke/ls.json
+    {CLIENT} get /root/smoke/out --all >/dev/null
+    cat /root/smoke/report.json
+    """
+    out = ssh(deployed, script)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["total"]["files"] == 12 and report["total"]["failed"] == 0
+    # what each node holds, seen by the nodes themselves (via the client's config)
+    held = json.loads((deployed.workstation.upper("root") / "smoke" / "ls.json").read_text())
+    counts = {node: len(rows) for node, rows in held.items()}
+    assert sum(counts.values()) == 12
+    assert len([c for c in counts.values() if c]) >= 2, counts
+    # every instance sits on the node rendezvous placement chose (nodes keyed by name)
+    names = [n.name for n in deployed.nodes]
+    for node, rows in held.items():
+        for row in rows:
+            assert place(row["sop"], names, 1) == [node], (row["sop"], node)
+    # the files fetched back are byte-identical to what was sent
+    root = deployed.workstation.upper("root") / "smoke"
+    sent = sorted(p.read_bytes() for p in (root / "in").rglob("*") if p.is_file())
+    back = sorted(p.read_bytes() for p in (root / "out").rglob("*.dcm"))
+    assert sent == back
+
+
+def test_stored_objects_are_on_the_nodes_disks(deployed: Deployed) -> None:
+    total = 0
+    for node in deployed.nodes:
+        store = node.upper("srv") / "medstream"
+        files = [p for p in store.rglob("*") if p.is_file() and p.suffix == ".dcm"]
+        total += len(files)
+    assert total == 12
+
+
+def test_second_run_changes_nothing(deployed: Deployed) -> None:
+    again = run_site(deployed.inventory, state_dir=deployed.state, wheelhouse=deployed.wheelhouse)
+    assert not again.changed, {h: r.changed for h, r in again.recap.items()}
+    assert all(r.failed == 0 and r.unreachable == 0 for r in again.recap.values())
+    assert len(again.recap) == N_NODES + 2
+
+
+def test_testinfra_suite_passes_on_the_same_inventory(deployed: Deployed) -> None:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+               ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(REPO / "tests" / "infra"), "-q", "-p",
+         "no:cacheprovider", "--ansible-inventory", str(deployed.inventory), "-m", "infra",
+         "-o", "addopts="],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-1000:]
+
+
+def test_failure_names_the_host_and_task(deployed: Deployed) -> None:
+    node = deployed.nodes[0].name
+    with pytest.raises(DeployError) as exc:
+        run_site(deployed.inventory, state_dir=deployed.state, wheelhouse=deployed.wheelhouse,
+                 limit=node, extra_vars={"transfer_node_storage_mode": "not-a-mode"})
+    assert exc.value.host == node
+    assert "storage root" in exc.value.task
+    assert node in str(exc.value) and "storage root" in str(exc.value)
