@@ -621,6 +621,14 @@ class _Uploader:
                 ahead.append((lf, loop.run_in_executor(self.executor, self._load, lf)))
 
         async def read_acks() -> None:
+            try:
+                await ack_loop()
+            finally:
+                # Wake the sender if it waits for window space: it checks acks.done().
+                for _ in range(WINDOW + 1):
+                    window.release()
+
+        async def ack_loop() -> None:
             while True:
                 ev = await s.next_event()
                 if isinstance(ev, Ack):

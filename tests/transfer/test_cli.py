@@ -1,0 +1,224 @@
+"""The console scripts as a user runs them: `transfer pki`, `transferd`, `transfer upload|ls|stat|get`."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from transfer_helpers import make_series
+
+from transfer.config import load_daemon_config, parse_node
+from transfer.errors import ConfigError
+
+BIN = Path(sys.executable).parent
+TRANSFER = [str(BIN / "transfer")]
+TRANSFERD = [str(BIN / "transferd")]
+
+
+def run(args: list[str], timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+class Daemon:
+    def __init__(self, workdir: Path, args: list[str], port: int = 0) -> None:
+        self.ready = workdir / f"ready-{time.monotonic_ns()}.json"
+        self.log = workdir / "transferd.log"
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [*TRANSFERD, "--bind", "127.0.0.1", "--port", str(port), "--ready-file", str(self.ready), *args],
+                stdout=subprocess.DEVNULL,
+                stderr=logf,
+            )
+        deadline = time.monotonic() + 30
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transferd did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+        self.port = int(json.loads(self.ready.read_text())["port"])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def daemon(workdir: Path, args: list[str], port: int = 0) -> Iterator[Daemon]:
+    d = Daemon(workdir, args, port)
+    try:
+        yield d
+    finally:
+        d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def pki_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("clipki")
+    r = run([*TRANSFER, "pki", "init", str(d)])
+    assert r.returncode == 0, r.stderr
+    assert (d / "ca.crt").exists() and (d / "token").stat().st_mode & 0o777 == 0o600
+    assert (d / "ca.key").stat().st_mode & 0o777 == 0o600
+    r = run([*TRANSFER, "pki", "issue", str(d), "--name", "node-01", "--ip", "127.0.0.1"])
+    assert r.returncode == 0, r.stderr
+    again = run([*TRANSFER, "pki", "init", str(d)])
+    assert again.returncode == 1 and "already exists" in again.stderr
+    return d
+
+
+def tls_args(pki: Path, root: Path) -> list[str]:
+    return [
+        "--storage-root", str(root), "--tls-cert", str(pki / "node-01.crt"),
+        "--tls-key", str(pki / "node-01.key"), "--token-file", str(pki / "token"),
+    ]
+
+
+def client_args(pki: Path, port: int) -> list[str]:
+    return ["--nodes", f"127.0.0.1:{port}", "--ca-file", str(pki / "ca.crt"), "--token-file", str(pki / "token")]
+
+
+def test_upload_ls_stat_get_over_tls(tmp_path: Path, pki_cli: Path) -> None:
+    files = make_series(tmp_path / "series", 12, rows=64, cols=64, seed=7)
+    with daemon(tmp_path, tls_args(pki_cli, tmp_path / "root")) as d:
+        report = tmp_path / "report.json"
+        r = run([*TRANSFER, "upload", str(tmp_path / "series"), *client_args(pki_cli, d.port),
+                 "--json-report", str(report), "--progress"])
+        assert r.returncode == 0, r.stderr
+        assert "MB/s" in r.stderr  # the progress bar
+        assert "total" in r.stdout
+        rep = json.loads(report.read_text())
+        assert rep["ok"] and rep["total"]["files"] == 12
+        node = rep["nodes"][0]
+        assert node["files"] == 12 and node["bytes"] == sum(f.stat().st_size for f in files)
+        assert node["seconds"] > 0 and node["mb_per_s"] > 0
+        r = run([*TRANSFER, "ls", *client_args(pki_cli, d.port)])
+        assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 12
+        sop = r.stdout.split("\t")[3]
+        r = run([*TRANSFER, "stat", sop, *client_args(pki_cli, d.port)])
+        assert r.returncode == 0 and json.loads(r.stdout)[0]["sop"] == sop
+        study = json.loads(r.stdout)[0]["study"]
+        r = run([*TRANSFER, "get", str(tmp_path / "out"), "--study", study, *client_args(pki_cli, d.port)])
+        assert r.returncode == 0, r.stderr
+        got = sorted((tmp_path / "out").rglob("*.dcm"))
+        assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in got) == sorted(
+            hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+        )
+        r = run([*TRANSFER, "stat", "1.2.3.4", *client_args(pki_cli, d.port)])
+        assert r.returncode == 1 and r.stderr.startswith("transfer: error:") and "Traceback" not in r.stderr
+        # A re-run sends nothing and still exits 0.
+        r = run([*TRANSFER, "upload", str(tmp_path / "series"), *client_args(pki_cli, d.port), "--json-report", str(report)])
+        assert r.returncode == 0 and json.loads(report.read_text())["total"]["already"] == 12
+
+
+def test_clear_errors_for_bad_input(tmp_path: Path, pki_cli: Path) -> None:
+    r = run([*TRANSFER, "upload", str(tmp_path), "--nodes", "127.0.0.1:1"])
+    assert r.returncode == 1 and "--ca-file" in r.stderr
+    r = run([*TRANSFER, "upload", str(tmp_path), "--nodes", "nonsense:port", "--insecure-plaintext"])
+    assert r.returncode == 1 and "bad node address" in r.stderr
+    r = run([*TRANSFERD, "--storage-root", str(tmp_path), "--tls-cert", "/nonexistent.crt", "--port", "0"])
+    assert r.returncode == 1 and "cannot load TLS certificate" in r.stderr
+    r = run([*TRANSFERD, "--storage-root", str(tmp_path), "--insecure-plaintext", "--max-frame", "12"])
+    assert r.returncode == 1 and "max_frame" in r.stderr
+    for cmd in (TRANSFER, TRANSFERD):
+        r = run([*cmd, "--help"])
+        assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_plaintext_is_logged_loudly(tmp_path: Path) -> None:
+    with daemon(tmp_path, ["--storage-root", str(tmp_path / "root"), "--insecure-plaintext"]) as d:
+        pass
+    assert d.proc.returncode is not None
+    assert "INSECURE" in d.log.read_text()
+
+
+def test_node_killed_mid_upload_then_rerun_completes(tmp_path: Path) -> None:
+    n = 120
+    make_series(tmp_path / "series", n, rows=384, cols=384, seed=11)  # ~35 MB
+    root = tmp_path / "root"
+    args = ["--storage-root", str(root), "--insecure-plaintext"]
+    d = Daemon(tmp_path, args)
+    port = d.port
+    report = tmp_path / "r.json"
+    up = subprocess.Popen(
+        [*TRANSFER, "upload", str(tmp_path / "series"), "--nodes", f"127.0.0.1:{port}",
+         "--insecure-plaintext", "--connections", "1", "--retries", "2", "--json-report", str(report)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(root.rglob("*.dcm"))) < 3:
+            assert time.monotonic() < deadline and up.poll() is None, "upload never started"
+            time.sleep(0.005)
+        d.stop(signal.SIGKILL)
+        stored_at_kill = len(list(root.rglob("*.dcm")))
+        out, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert stored_at_kill < n, "upload finished before the kill; make the series bigger"
+    assert up.returncode == 1, err
+    first = json.loads(report.read_text())
+    assert not first["ok"] and first["failed"]
+    # Restart on the same port and storage: leftovers are cleaned, a re-run sends only the rest.
+    with daemon(tmp_path, args, port=port) as d2:
+        assert not list(root.rglob(".tmp-*"))
+        r = run([*TRANSFER, "upload", str(tmp_path / "series"), "--nodes", f"127.0.0.1:{d2.port}",
+                 "--insecure-plaintext", "--json-report", str(report)])
+        assert r.returncode == 0, r.stderr
+        second = json.loads(report.read_text())
+        assert second["total"]["already"] >= first["total"]["files"] > 0
+        assert second["total"]["files"] + second["total"]["already"] == n
+        assert second["total"]["files"] < n
+    stored = sorted(root.rglob("*.dcm"))
+    assert len(stored) == n
+    src = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "series").iterdir()}
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in stored} == src
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_disk_full_on_a_node(tmp_path: Path) -> None:
+    from test_storage import tiny_tmpfs
+
+    make_series(tmp_path / "series", 8, rows=256, cols=256, seed=5)  # 8 x ~130 KB
+    with tiny_tmpfs(tmp_path / "disk", "500k") as disk:
+        with daemon(tmp_path, ["--storage-root", str(disk), "--insecure-plaintext"]) as d:
+            report = tmp_path / "r.json"
+            r = run([*TRANSFER, "upload", str(tmp_path / "series"), "--nodes", f"127.0.0.1:{d.port}",
+                     "--insecure-plaintext", "--json-report", str(report)])
+            assert r.returncode == 1
+            rep = json.loads(report.read_text())
+            assert rep["total"]["files"] >= 1 and rep["failed"]
+            assert all("disk full" in f["reason"] for f in rep["failed"]), rep["failed"]
+            assert not list(disk.rglob(".tmp-*"))
+            for p in disk.rglob("*.dcm"):  # what is visible is whole
+                assert p.stat().st_size == (tmp_path / "series" / "slice0000.dcm").stat().st_size
+            # The node still answers.
+            r = run([*TRANSFER, "ls", "--nodes", f"127.0.0.1:{d.port}", "--insecure-plaintext"])
+            assert r.returncode == 0 and len(r.stdout.splitlines()) == rep["total"]["files"]
+
+
+def test_config_precedence(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "t.toml"
+    cfg_file.write_text('[transferd]\nport = 1111\nmax_connections = 7\nidle_timeout = 5\nstorage_root = "/x"\n')
+    cfg = load_daemon_config(str(cfg_file), {"port": 3333}, {"TRANSFERD_PORT": "2222", "TRANSFERD_MAX_CONNECTIONS": "9"})
+    assert (cfg.port, cfg.max_connections, cfg.idle_timeout, cfg.storage_root) == (3333, 9, 5.0, "/x")
+    cfg = load_daemon_config(str(cfg_file), {}, {"TRANSFERD_INSECURE_PLAINTEXT": "yes"})
+    assert cfg.port == 1111 and cfg.insecure_plaintext is True
+    with pytest.raises(ConfigError, match="unknown keys"):
+        cfg_file.write_text("[transferd]\nprot = 1\n")
+        load_daemon_config(str(cfg_file), {}, {})
+    with pytest.raises(ConfigError, match="invalid value"):
+        load_daemon_config(None, {}, {"TRANSFERD_PORT": "eighty"})
+    assert parse_node("n1=10.213.5.11:7370").name == "n1"
+    assert parse_node("[::1]:9").host == "::1"
+    with pytest.raises(ConfigError):
+        parse_node("host:99999")
