@@ -352,11 +352,14 @@ def inventory_cmd(c: Context, path: str, as_list: bool, host: str | None) -> Non
 @click.option("--nodes", type=click.IntRange(0, 1000), help="Node count (default nodes.count; 5 with --sim).")
 @click.option("--skip", default="", metavar="PHASE,...",
               help="Phases to skip: pool, nodes, inventory, deploy, smoke.")
+@click.option("--study-slices", type=click.IntRange(0, 10000),
+              help="After the smoke test, upload a generated CT series of this many 640x640 "
+                   "slices from the workstation (default: 360 with --sim, else 0 = no upload).")
 @click.option("--inventory", "inventory_path", default="inventory/hosts.yml", show_default=True,
               type=click.Path(dir_okay=False))
 @pass_ctx
 def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes: int | None,
-           skip: str, inventory_path: str) -> None:
+           skip: str, study_slices: int | None, inventory_path: str) -> None:
     """The whole storage cloud from one command: pool create, scale-nodes, inventory,
     ansible-playbook playbooks/site.yml, smoke test. Re-run to resume after a failure."""
     from .up import up
@@ -370,17 +373,25 @@ def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes
             if sim_backend == "memory" and not {"deploy", "smoke"} <= skips:
                 raise XenctlError("the memory backend has no hosts to deploy to",
                                   hint="use --sim-backend lab, or --skip deploy,smoke")
+            slices = 360 if study_slices is None else study_slices
+            if sim_backend == "memory":
+                slices = 0
             with sim_cloud(5 if nodes is None else nodes, backend=sim_backend) as sc:
                 res = up(sc.spec, sc.password, inventory_path=Path(inventory_path), skip=skips,
-                         progress=c.say, stats=c.stats, deploy=sc.deploy)
+                         progress=c.say, stats=c.stats, deploy=sc.deploy, study_slices=slices)
         else:
             if cloud_yml:
                 c.config = cloud_yml
             res = up(c.spec(), c.password(), count=nodes, inventory_path=Path(inventory_path),
-                     skip=skips, progress=c.say, stats=c.stats)
+                     skip=skips, progress=c.say, stats=c.stats, study_slices=study_slices or 0)
         click.echo("\n".join(res.summary()))
+        stored = {str(n["node"]): n for n in res.study.get("nodes", [])}
         for n in res.nodes:
-            click.echo(f"{n.name}  {n.ip or '-':<15}  {n.host}")
+            line = f"{n.name}  {n.ip or '-':<15}  {n.host}"
+            st = next((v for k, v in stored.items() if k.startswith(n.ip + ":")), None) if n.ip else None
+            if st:
+                line += f"  {st['files']} images, {st['bytes'] / 1e6:.0f} MB, {st['mb_per_s']:.0f} MB/s"
+            click.echo(line)
         click.echo(f"done in {time.monotonic() - t0:.1f}s")
         return EXIT_CHANGED if res.changed else EXIT_OK
     _run(go)

@@ -2,7 +2,9 @@
 
 Phases, in order: ``pool`` (pool create), ``nodes`` (scale-nodes), ``inventory`` (inventory/hosts.yml),
 ``deploy`` (``ansible-playbook playbooks/site.yml`` through :mod:`xenctl.deploy`, the Ansible part's
-runner) and ``smoke`` (a small generated study uploaded from the workstation). Every phase is
+runner), ``smoke`` (a small generated study uploaded from the workstation and fetched back) and,
+when asked for (``study_slices``), ``study``: the paper's CT series (360 slices of 640x640)
+generated on the workstation and uploaded to the nodes, with the transfer report. Every phase is
 idempotent, so a failed run is resumed by running ``xenctl up`` again: finished phases report no
 change. ``down`` scales the fleet to zero and rewrites the inventory.
 """
@@ -10,6 +12,7 @@ change. ``down`` scales the fleet to zero and rewrites the inventory.
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -27,7 +30,7 @@ from .spec import CloudSpec, Secret
 
 __all__ = ["PHASES", "DeployOptions", "Phase", "PhaseError", "UpResult", "down", "up"]
 
-PHASES = ("pool", "nodes", "inventory", "deploy", "smoke")
+PHASES = ("pool", "nodes", "inventory", "deploy", "smoke", "study")
 Progress = Callable[[str], None]
 
 
@@ -55,6 +58,7 @@ class UpResult:
     phases: list[Phase] = field(default_factory=list)
     nodes: list[NodeResult] = field(default_factory=list)
     inventory: Path | None = None
+    study: dict[str, Any] = field(default_factory=dict)  # transfer's upload report
 
     @property
     def changed(self) -> bool:
@@ -99,7 +103,8 @@ def _phase(result: UpResult, name: str, progress: Progress) -> Iterator[Phase]:
 def up(spec: CloudSpec, password: Secret, *, count: int | None = None,
        inventory_path: Path = Path("inventory/hosts.yml"), skip: Collection[str] = (),
        progress: Progress = print, node_progress: Callable[[str, str], None] | None = None,
-       stats: CallStats | None = None, deploy: DeployOptions | None = None) -> UpResult:
+       stats: CallStats | None = None, deploy: DeployOptions | None = None,
+       study_slices: int = 0) -> UpResult:
     """Run the phases (see the module docstring); raise :class:`PhaseError` on the first failure."""
     unknown = set(skip) - set(PHASES)
     if unknown:
@@ -150,6 +155,14 @@ def up(spec: CloudSpec, password: Secret, *, count: int | None = None,
     if not skipped("smoke"):
         with _phase(result, "smoke", progress) as ph:
             ph.detail = _smoke(spec, deploy, progress)
+    if study_slices > 0 and not skipped("study"):
+        with _phase(result, "study", progress) as ph:
+            result.study = _study(spec, deploy, progress, study_slices)
+            t = result.study["total"]
+            ph.changed = True
+            ph.detail = (f"{t['files']} images, {t['bytes'] / 1e6:.0f} MB to "
+                         f"{len(result.study['nodes'])} node(s) in {result.study['seconds']:.1f}s "
+                         f"({t['mb_per_s']:.0f} MB/s)")
     return result
 
 
@@ -208,11 +221,7 @@ if cmp -s "$d/a" "$d/b" && [ "$n" -eq {slices} ]; then echo "SMOKE-OK $n"; else
 """
 
 
-def _smoke(spec: CloudSpec, opts: DeployOptions, progress: Progress, slices: int = 8) -> str:
-    """From the workstation: generate a small study, upload it to the nodes, fetch it back by
-    its Study Instance UID and compare every file's bytes (SHA-256)."""
-    if not spec.workstation.address:
-        raise XenctlError("no workstation in the spec (workstation.address)")
+def _ssh(spec: CloudSpec, opts: DeployOptions) -> list[str]:
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
     if opts.ssh_config:
         ssh += ["-F", str(opts.ssh_config)]
@@ -221,13 +230,51 @@ def _smoke(spec: CloudSpec, opts: DeployOptions, progress: Progress, slices: int
         ssh += ["-i", str(key)]
     if opts.known_hosts:
         ssh += ["-o", f"UserKnownHostsFile={opts.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
-    target = f"{spec.workstation.ssh_user}@{spec.workstation.address}"
-    progress(f"smoke: {slices} images from {spec.workstation.address} to the nodes and back")
+    return [*ssh, f"{spec.workstation.ssh_user}@{spec.workstation.address}"]
+
+
+def _on_workstation(spec: CloudSpec, opts: DeployOptions, script: str, what: str,
+                    timeout: float) -> subprocess.CompletedProcess[str]:
+    if not spec.workstation.address:
+        raise XenctlError("no workstation in the spec (workstation.address)")
     try:
-        out = subprocess.run([*ssh, target, "sh", "-s"], input=SMOKE_SCRIPT.format(slices=slices),
-                             capture_output=True, text=True, timeout=600, check=False)
+        return subprocess.run([*_ssh(spec, opts), "sh", "-s"], input=script, capture_output=True,
+                              text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise XenctlError(f"smoke test could not run: {exc}") from exc
+        raise XenctlError(f"{what} could not run: {exc}") from exc
+
+
+STUDY_SCRIPT = r"""
+set -eu
+d=$(mktemp -d /tmp/medstream-study.XXXXXX)
+trap 'rm -rf "$d"' EXIT
+transfer synth "$d/in" --slices {slices} --seed "$$" >/dev/null
+transfer upload "$d/in" --no-progress --json-report "$d/report.json" >/dev/null
+cat "$d/report.json"
+"""
+
+
+def _study(spec: CloudSpec, opts: DeployOptions, progress: Progress, slices: int) -> dict[str, Any]:
+    """The paper's job: a CT series generated on the workstation, uploaded to every node."""
+    progress(f"study: {slices} CT slices (640x640) from the workstation to the nodes")
+    out = _on_workstation(spec, opts, STUDY_SCRIPT.format(slices=slices), "the study upload", 1800)
+    if out.returncode != 0:
+        raise XenctlError(f"study upload failed (exit {out.returncode}): "
+                          f"{(out.stdout + out.stderr).strip()[-400:]}")
+    try:
+        report: dict[str, Any] = json.loads(out.stdout)
+    except ValueError as exc:
+        raise XenctlError(f"study upload: unreadable report: {out.stdout[-200:]!r}") from exc
+    if not report.get("ok"):
+        raise XenctlError(f"study upload: {report.get('total')}")
+    return report
+
+
+def _smoke(spec: CloudSpec, opts: DeployOptions, progress: Progress, slices: int = 8) -> str:
+    """From the workstation: generate a small study, upload it to the nodes, fetch it back by
+    its Study Instance UID and compare every file's bytes (SHA-256)."""
+    progress(f"smoke: {slices} images from {spec.workstation.address} to the nodes and back")
+    out = _on_workstation(spec, opts, SMOKE_SCRIPT.format(slices=slices), "the smoke test", 600)
     if out.returncode != 0 or "SMOKE-OK" not in out.stdout:
         detail = (out.stdout + out.stderr).strip()[-400:]
         raise XenctlError(f"smoke test failed (exit {out.returncode}): {detail}")
