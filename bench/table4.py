@@ -356,6 +356,8 @@ def summarize_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "full_series_seconds_mean": full, "full_series_seconds_sd": fsd,
             "goodput_mbit_mean": g, "goodput_mbit_sd": gsd,
             "goodput_pct_link": 100 * g / link,
+            "wall_goodput_pct_link": 100 * statistics.fmean(
+                r.bytes * 8 / r.wall_s / 1e6 for r in rs) / link,
             "image_throughput_x_link": statistics.fmean(img) / link,
             "wire_ratio": (statistics.fmean(r.bytes / r.wire_bytes for r in rs if r.wire_bytes)
                            if all(r.wire_bytes for r in rs) else None),
@@ -430,7 +432,7 @@ def render_md(data: dict[str, Any]) -> str:
         f"**{NO_NETEM}.**",
         "",
         f"Command: `{data['command']}`  ",
-        f"Started {data['started']}, {data['elapsed_s'] / 60:.1f} min; repeats per cell: "
+        f"Started {data['started']}, {data['elapsed_s'] / 60:.1f} min of runs; repeats per cell: "
         f"{cfg['repeats']} (the paper used 30); figures are mean ± sd. Security: "
         f"{'TLS + token' if cfg['tls'] else 'plaintext (--plaintext)'} for medstream; erl3d, FTP "
         "and DICOM are plaintext. Per-flow cap (perflow regime): "
@@ -439,7 +441,11 @@ def render_md(data: dict[str, Any]) -> str:
         "Time for the whole 360-slice series is extrapolated from the measured goodput where "
         "--scale sent a fraction of it (column `scale`). Goodput = DICOM file bytes delivered "
         "(acknowledged) per second of the tool's own transfer time; % of link is against the "
-        "nominal rate (TCP/IP headers cap goodput near 95-96%).",
+        "nominal rate (TCP/IP headers cap goodput near 95-96%). The tool's own time is "
+        "medstream's report `seconds` (first connection to last acknowledgement; its DICOM "
+        "scan and hashing before that are in `scan_s` of the runs), ftplib's first connect to "
+        "last reply, and the process lifetime for dcmtk; `% of link, wall` uses the whole "
+        "client process lifetime instead (Python start-up, scan and all).",
         "",
     ]
     for regime in cfg["regimes"]:
@@ -466,8 +472,9 @@ def render_md(data: dict[str, Any]) -> str:
                 lines.append(f"| {p} {PROFILES_MBIT[p]:g} Mbit/s | " + " | ".join(cells) + " |")
             lines += ["", "All methods:", "",
                       "| network | method | nodes | scale | s (measured) | s for 360 slices | "
-                      "goodput Mbit/s | % of link | image x link | client RSS MB |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "goodput Mbit/s | % of link | % of link, wall | image x link | "
+                      "client RSS MB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for p in rows:
                 for s in sorted((s for s in summary if s["profile"] == p and
                                  s["regime"] == regime and s["payload"] == payload),
@@ -477,7 +484,8 @@ def render_md(data: dict[str, Any]) -> str:
                         f"{s['seconds_mean']:.2f} ± {s['seconds_sd']:.2f} | "
                         f"{s['full_series_seconds_mean']:.1f} | "
                         f"{s['goodput_mbit_mean']:.2f} ± {s['goodput_mbit_sd']:.2f} | "
-                        f"{s['goodput_pct_link']:.1f}% | {s['image_throughput_x_link']:.2f} | "
+                        f"{s['goodput_pct_link']:.1f}% | {s['wall_goodput_pct_link']:.1f}% | "
+                        f"{s['image_throughput_x_link']:.2f} | "
                         f"{s['client_rss_mb_max']:.0f} |")
             lines.append("")
     if data["targets"]:
@@ -563,6 +571,10 @@ def chart(data: dict[str, Any], path: Path) -> None:
 
 # --- main ----------------------------------------------------------------------------------------
 
+def _union(a: Sequence[str], b: Sequence[str], order: Sequence[str]) -> list[str]:
+    return [x for x in order if x in a or x in b]
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -610,6 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--name", default="table4", help="output file stem (default table4)")
     p.add_argument("--keep-going", action="store_true", help="record failures and go on")
+    p.add_argument("--append", action="store_true",
+                   help="merge with the runs already in OUT/NAME.json (several invocations with "
+                        "different matrices build one table)")
     a = p.parse_args(argv)
     profiles, regimes, payloads = _csv(a.profiles), _csv(a.regimes), _csv(a.payloads)
     methods = _csv(a.methods)
@@ -679,11 +694,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.stop_servers()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    commands = [" ".join(["bench/table4.py", *(argv if argv is not None else sys.argv[1:])])]
+    prev_path = a.out / f"{a.name}.json"
+    if a.append and prev_path.exists():
+        import json
+
+        prev = json.loads(prev_path.read_text())
+        fields = set(Run.__dataclass_fields__)
+        old_runs = [Run(**{k: v for k, v in r.items() if k in fields}) for r in prev["runs"]]
+        runs = old_runs + runs
+        errors = prev.get("errors", []) + errors
+        shapes = prev.get("shapes", []) + shapes
+        commands = prev.get("commands", [prev.get("command", "")]) + commands
+        profiles = _union(prev["config"]["profiles"], profiles, list(PROFILES_MBIT))
+        regimes = _union(prev["config"]["regimes"], regimes, ["shared", "perflow"])
+        payloads = _union(prev["config"]["payloads"], payloads, ["compressed", "raw"])
+        methods = _union(prev["config"]["methods"], methods, list(METHODS))
+        node_counts = sorted(set(prev["config"]["nodes"]) | set(node_counts))
+        scale = {**prev["config"]["scale"], **scale}
+        t0 -= float(prev.get("elapsed_s", 0.0))
     summary = summarize_runs(runs)
     data = {
         "benchmark": "table4",
         "note": NO_NETEM,
-        "command": " ".join(["bench/table4.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ; ".join(commands),
+        "commands": commands,
         "started": started,
         "elapsed_s": time.monotonic() - t0,
         "machine": machine_info(),
