@@ -10,7 +10,7 @@ bootstrap:
 	@./scripts/bootstrap
 
 demo: bootstrap
-	$(PY) -m transfer.demo
+	$(BIN)/xenctl up --sim $(DEMO_ARGS)
 
 lint: bootstrap
 	$(BIN)/ruff check transfer xenctl xapisim labnet bench tests
