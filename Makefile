@@ -1,5 +1,6 @@
-# medstream: two commands on a fresh Debian machine.
-#   make demo   run the main job on the embedded simulator
+# Shortcuts for developers. The README's two commands are scripts/demo and scripts/test (a fresh
+# Debian has no make); these targets call them.
+#   make demo   run the main job on the embedded simulator (DEMO_ARGS="--nodes 30")
 #   make test   run the whole test suite (lint, types, unit, integration, lab hosts)
 VENV ?= .venv
 PY   := $(VENV)/bin/python
@@ -9,15 +10,15 @@ BIN  := $(VENV)/bin
 bootstrap:
 	@./scripts/bootstrap
 
-demo: bootstrap
-	$(BIN)/xenctl up --sim $(DEMO_ARGS)
+demo:
+	./scripts/demo $(DEMO_ARGS)
 
 lint: bootstrap
 	$(BIN)/ruff check transfer xenctl xapisim labnet bench tests
 	$(BIN)/mypy
 
-test: bootstrap lint
-	$(BIN)/pytest
+test:
+	./scripts/test
 
 bench-loopback: bootstrap
 	$(PY) bench/loopback.py
