@@ -309,7 +309,9 @@ class NodeSession:
         """Fetch one object into ``dest`` (temp + rename), verifying size and SHA-256."""
         resp = await self._send_request("get", args)
         if not resp.ok:
-            raise NotFoundError(f"{self.addr.label}: {resp.error}")
+            if resp.error.startswith("no "):
+                raise NotFoundError(f"{self.addr.label}: {resp.error}")
+            raise NodeError(f"{self.addr.label}: {resp.error}")
         meta: dict[str, Any] = resp.result
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.part")

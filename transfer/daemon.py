@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
@@ -131,6 +131,9 @@ class _FileSink:
             self.decoder = BodyDecoder(h.compression, h.size, self.upload.write)
         except (TransferError, OSError) as exc:
             self.fail(str(exc))
+        except Exception as exc:  # a bug: answer the file with an error, keep serving
+            log.exception("unexpected error starting %s", h.name)
+            self.fail(f"internal error: {type(exc).__name__}: {exc}")
 
     def feed(self, chunk: bytes | bytearray) -> None:
         if self.error or self.decoder is None:
@@ -139,6 +142,9 @@ class _FileSink:
             self.decoder.decode(chunk)
         except (TransferError, OSError) as exc:
             self.fail(str(exc))
+        except Exception as exc:  # a bug: answer the file with an error, keep serving
+            log.exception("unexpected error receiving %s", self.header.name)
+            self.fail(f"internal error: {type(exc).__name__}: {exc}")
 
     def commit(self) -> Ack:
         h = self.header
@@ -151,6 +157,9 @@ class _FileSink:
                 return Ack(h.file_id, "conflict", message=str(exc))
             except (TransferError, OSError) as exc:
                 self.fail(str(exc))
+            except Exception as exc:  # a bug: answer the file with an error, keep serving
+                log.exception("unexpected error committing %s", h.name)
+                self.fail(f"internal error: {type(exc).__name__}: {exc}")
         if self.upload is not None:
             self.upload.abort()
         return Ack(h.file_id, "error", message=self.error or "upload failed")
@@ -416,8 +425,14 @@ class NodeServer:
                 else:
                     await item()
                 await writer.drain()
-        except (ConnectionError, OSError, ssl.SSLError) as exc:
-            log.debug("answer writer stopped: %s", exc)
+        except Exception as exc:
+            if isinstance(exc, ConnectionError | OSError | ssl.SSLError):
+                log.debug("answer writer stopped: %s", exc)
+            else:
+                # A bug: the answers can no longer be kept in order. Drop the connection so the
+                # client notices at once (and retries) instead of waiting for acks forever.
+                log.exception("%s: answer writer failed, dropping the connection", writer.peer)
+            writer.abort()
             # Drain the queue so the reader never blocks on a full queue.
             while True:
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -461,22 +476,25 @@ class NodeServer:
         fut = self._run(self._answer_request, req)
 
         async def write_response() -> None:
-            resp, rel = await fut
-            writer.write(conn.send(resp))
-            if rel is None:
+            resp, fp = await fut
+            if fp is None:
+                writer.write(conn.send(resp))
                 return
-            it = iter(self.store.read_chunks(rel, CHUNK))
-            while True:
-                chunk = await self._run(next, it, None)
-                if chunk is None:
-                    break
-                writer.write(conn.send(Data(chunk)))
-                await writer.drain()
-            writer.write(conn.send(EndOfBody()))
+            try:
+                writer.write(conn.send(resp))
+                while True:
+                    chunk = await self._run(fp.read, CHUNK)
+                    if not chunk:
+                        break
+                    writer.write(conn.send(Data(chunk)))
+                    await writer.drain()
+                writer.write(conn.send(EndOfBody()))
+            finally:
+                await self._run(fp.close)
 
         return write_response
 
-    def _answer_request(self, req: Request) -> tuple[Response, str | None]:
+    def _answer_request(self, req: Request) -> tuple[Response, BinaryIO | None]:
         a = req.args
         try:
             if req.op == "ping":
@@ -501,7 +519,8 @@ class NodeServer:
                 ), None
             if req.op == "get":
                 meta = self.store.stat(sop=_opt_str(a, "sop"), sha256=_opt_str(a, "sha256"))
-                return Response(req.req_id, True, meta, body=True), str(meta["path"])
+                fp = self.store.open_object(str(meta["path"]), int(meta["size"]))
+                return Response(req.req_id, True, meta, body=True), fp
             raise ValidationError(f"unknown request {req.op!r}")
         except (TransferError, OSError) as exc:
             return Response(req.req_id, False, None, error=str(exc)), None
@@ -660,6 +679,10 @@ class _Pipe(asyncio.BufferedProtocol):
         if self._lost.is_set():
             raise ConnectionResetError("connection lost")
         await self._can_write.wait()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._lost.is_set():
+            self.transport.abort()
 
     async def close(self) -> None:
         if self.transport is not None:

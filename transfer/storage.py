@@ -13,6 +13,7 @@ the daemon calls them from worker threads, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from transfer.dicominfo import DicomInfo, inspect_fileobj, valid_uid
 from transfer.errors import ConflictError, NotFoundError, StorageError, ValidationError
@@ -86,6 +87,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _index_errors(what: str) -> Iterator[None]:
+    """Translate SQLite failures (full disk, I/O error, corruption) into StorageError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        text = str(exc)
+        if "full" in text:
+            raise StorageError(errno.ENOSPC, f"disk full while {what} (index: {text})") from None
+        raise StorageError(errno.EIO, f"index error while {what}: {text}") from None
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -216,12 +229,15 @@ class Store:
         except OSError as exc:
             raise _storage_error(exc, f"creating the storage root {self.root}") from None
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.root / INDEX_DIR / "index.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        with _index_errors(f"opening the index in {self.root / INDEX_DIR}"):
+            self._db = sqlite3.connect(
+                self.root / INDEX_DIR / "index.sqlite3",
+                check_same_thread=False,
+                isolation_level=None,
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
         self.removed_temps = self._clean_temps()
 
     def close(self) -> None:
@@ -267,9 +283,13 @@ class Store:
         )
 
     def _commit(self, up: Upload, digest: str, info: DicomInfo | None) -> CommitResult:
+        """Index and rename in one step: the row is inserted in a transaction, the file renamed
+        into place, then the transaction committed. If the index cannot be written (a full
+        disk), the rename is undone: a file is visible only once it is indexed."""
         assert up.tmp is not None
         rel = str(up.rel)
-        with self._lock:
+        now = time.time()
+        with self._lock, _index_errors(f"indexing {rel}"):
             if info is not None:
                 row = self._db.execute(
                     "SELECT sha256 FROM instances WHERE sop=?", (info.sop_uid,)
@@ -285,33 +305,45 @@ class Store:
                     f"conflict: SOP Instance UID {info.sop_uid if info else '?'} is already stored "
                     f"with different content (sha256 {row[0]}); refusing to overwrite"
                 )
+            self._db.execute("BEGIN IMMEDIATE")
+            renamed = False
             try:
-                os.rename(up.tmp, up.final)
-                up.tmp = None
-                fsync_dir(up.final.parent)
-            except OSError as exc:
-                raise _storage_error(exc, f"renaming {rel} into place") from None
-            now = time.time()
-            if info is not None:
-                self._db.execute(
-                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        info.sop_uid,
-                        info.study_uid,
-                        info.series_uid,
-                        digest,
-                        up.size,
-                        rel,
-                        up.name,
-                        info.transfer_syntax,
-                        info.modality,
-                        now,
-                    ),
-                )
-            else:
-                self._db.execute(
-                    "INSERT INTO objects VALUES (?,?,?,?,?)", (digest, up.size, rel, up.name, now)
-                )
+                if info is not None:
+                    self._db.execute(
+                        "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            info.sop_uid,
+                            info.study_uid,
+                            info.series_uid,
+                            digest,
+                            up.size,
+                            rel,
+                            up.name,
+                            info.transfer_syntax,
+                            info.modality,
+                            now,
+                        ),
+                    )
+                else:
+                    self._db.execute(
+                        "INSERT INTO objects VALUES (?,?,?,?,?)",
+                        (digest, up.size, rel, up.name, now),
+                    )
+                try:
+                    os.rename(up.tmp, up.final)
+                    renamed = True
+                    up.tmp = None
+                    fsync_dir(up.final.parent)
+                except OSError as exc:
+                    raise _storage_error(exc, f"renaming {rel} into place") from None
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if renamed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(up.final)
+                raise
             return CommitResult("stored", digest, rel)
 
     def put_bytes(
@@ -344,7 +376,7 @@ class Store:
     def have(self, items: Iterable[dict[str, Any]]) -> list[bool]:
         """For each ``{"sop": uid, "sha256": hex}`` or ``{"sha256": hex}``: is it stored as is?"""
         out: list[bool] = []
-        with self._lock:
+        with self._lock, _index_errors("reading the index"):
             for it in items:
                 sop = it.get("sop") if isinstance(it, dict) else None
                 sha = it.get("sha256") if isinstance(it, dict) else None
@@ -390,7 +422,7 @@ class Store:
             "modality",
             "stored_at",
         )
-        with self._lock:
+        with self._lock, _index_errors("reading the index"):
             rows = self._db.execute(q, args).fetchall()
             out = [dict(zip(cols, r, strict=True)) | {"kind": "dicom"} for r in rows]
             if not (study or series or sop):
@@ -411,7 +443,7 @@ class Store:
                 return found[0]
             raise NotFoundError(f"no instance with SOP Instance UID {sop}")
         if sha256:
-            with self._lock:
+            with self._lock, _index_errors("reading the index"):
                 r = self._db.execute(
                     "SELECT sha256, size, path, name, stored_at FROM objects WHERE sha256=?",
                     (sha256,),
@@ -424,7 +456,7 @@ class Store:
         raise NotFoundError("stat needs a SOP Instance UID or a sha256")
 
     def summary(self) -> dict[str, Any]:
-        with self._lock:
+        with self._lock, _index_errors("reading the index"):
             n, size = self._db.execute(
                 "SELECT count(*), coalesce(sum(size),0) FROM instances"
             ).fetchone()
@@ -440,13 +472,22 @@ class Store:
             "object_bytes": osize,
         }
 
-    def read_chunks(self, rel: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    def open_object(self, rel: str, size: int) -> BinaryIO:
+        """Open a stored file for reading; refuse paths outside the root and files whose size
+        no longer matches the index (a clear error before any byte is sent)."""
         path = self.root / rel
         if not inside(self.root, path):
             raise ValidationError(f"refused: {rel} escapes the storage root")
-        with open(path, "rb") as fp:
-            while True:
-                b = fp.read(chunk)
-                if not b:
-                    return
-                yield b
+        try:
+            fp = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            raise NotFoundError(f"no stored file {rel} (indexed, but missing on disk)") from None
+        except OSError as exc:
+            raise _storage_error(exc, f"opening {rel}") from None
+        actual = os.fstat(fp.fileno()).st_size
+        if actual != size:
+            fp.close()
+            raise StorageError(
+                errno.EIO, f"stored file {rel} has {actual} bytes, the index says {size}"
+            )
+        return fp

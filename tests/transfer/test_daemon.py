@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
 import ssl
 import struct
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from transfer_helpers import TEST_FILES, copy_testfile, make_series, node_config
+from transfer_helpers import copy_testfile, make_series, node_config, testdata
 
 from transfer.client import (
     Credentials,
@@ -25,6 +26,7 @@ from transfer.client import (
 )
 from transfer.config import NodeAddr
 from transfer.daemon import ServerThread
+from transfer.dicominfo import inspect_path
 from transfer.errors import AuthError, NodeError
 from transfer.protocol import (
     NEED_DATA,
@@ -97,7 +99,7 @@ def test_pydicom_samples_round_trip_byte_identical(
         out = tmp_path / "out"
         got = asyncio.run(fetch(nodes, creds, out))
         assert len(got) == len(SAMPLES)
-        originals = {hashlib.sha256((TEST_FILES / n).read_bytes()).hexdigest() for n in SAMPLES}
+        originals = {hashlib.sha256(testdata(n).read_bytes()).hexdigest() for n in SAMPLES}
         assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in got} == originals
         # Resume: a re-run sends nothing.
         again = upload_dir(src, nodes, creds, replicas=2).as_dict()
@@ -292,7 +294,7 @@ def test_bad_names_and_uids_in_headers_are_refused_per_file(
         r.send(sop_header(i, b"data", name=name))
         r.send(Data(b"data"))
         r.send(EndOfBody())
-    ct = (TEST_FILES / "CT_small.dcm").read_bytes()
+    ct = testdata("CT_small.dcm").read_bytes()
     # A DICOM file whose header claims UIDs the file does not have.
     r.send(sop_header(9, ct, kind="dicom", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4"))
     r.send(Data(ct))
@@ -423,3 +425,62 @@ def test_connection_closed_event_on_bye(plain_node: tuple[ServerThread, NodeAddr
     r.send(Bye())
     assert isinstance(r.event(), ConnectionClosed)
     r.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_index_disk_full_gets_an_error_ack_not_a_hang(tmp_path: Path) -> None:
+    from test_storage import fill, tiny_tmpfs
+
+    root = tmp_path / "root"
+    (root / ".medstream").mkdir(parents=True)
+    with tiny_tmpfs(root / ".medstream", "256k") as idx:
+        with ServerThread(node_config(root, None)) as srv:
+            fill(idx)
+            r = Raw(srv.port)  # the socket times out after 15 s: a hang fails the test
+            assert isinstance(r.hello(), Welcome)
+            ct = testdata("CT_small.dcm").read_bytes()
+            info = inspect_path(testdata("CT_small.dcm"))
+            for i in range(2):  # the connection keeps working after the first refusal
+                r.send(
+                    sop_header(
+                        i,
+                        ct,
+                        kind="dicom",
+                        study_uid=info.study_uid,
+                        series_uid=info.series_uid,
+                        sop_uid=info.sop_uid,
+                    )
+                )
+                r.send(Data(ct))
+                r.send(EndOfBody())
+                ack = r.event()
+                assert isinstance(ack, Ack) and ack.status == "error", ack
+                assert "disk full" in ack.message
+            r.close()
+            assert not [p for p in root.rglob("*.dcm")]
+            assert not list(root.rglob(".tmp-*"))
+
+
+def test_get_of_a_file_missing_on_disk_is_a_clear_error_and_the_session_goes_on(
+    tmp_path: Path, creds: Credentials, node: tuple[ServerThread, NodeAddr]
+) -> None:
+    srv, addr = node
+    make_series(tmp_path / "s", 2)
+    assert upload_dir(tmp_path / "s", [addr], creds).ok
+    stored = sorted(Path(srv.cfg.storage_root).rglob("*.dcm"))
+    stored[0].unlink()  # damage behind the daemon's back
+
+    async def go() -> tuple[str, int]:
+        from transfer.errors import NotFoundError
+
+        async with NodeSession(addr, creds) as s:
+            with pytest.raises(NotFoundError, match="missing on disk") as ei:
+                await s.get(tmp_path / "o" / "a.dcm", sop=stored[0].stem)
+            meta = await s.get(tmp_path / "o" / "b.dcm", sop=stored[1].stem)
+            return str(ei.value), int(meta["size"])
+
+    message, size = asyncio.run(go())
+    assert "\n" not in message
+    assert size == stored[1].stat().st_size
+    assert (tmp_path / "o" / "b.dcm").read_bytes() == stored[1].read_bytes()
+    assert not (tmp_path / "o" / "a.dcm").exists()

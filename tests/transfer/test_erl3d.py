@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transfer_helpers import TEST_FILES, make_series, node_config
+from transfer_helpers import make_series, node_config, testdata
 
 from transfer import erl3d
 from transfer.client import Credentials, scan, upload_files
@@ -117,7 +117,7 @@ def test_daemon_erl3d_port_stores_and_refuses_escapes(
     erl_node: ServerThread, tmp_path: Path
 ) -> None:
     root = Path(erl_node.cfg.storage_root).resolve()
-    data = (TEST_FILES / "CT_small.dcm").read_bytes()
+    data = testdata("CT_small.dcm").read_bytes()
     assert _erl_call(erl_node.erl3d_port, erl3d.encode_request("CT_small.dcm", data)) == (
         True,
         "CT_small.dcm",

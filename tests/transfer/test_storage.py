@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transfer_helpers import TEST_FILES, make_series
+from transfer_helpers import make_series, testdata
 
 from transfer.dicominfo import inspect_path
 from transfer.errors import ConflictError, StorageError, ValidationError
@@ -67,14 +67,14 @@ def test_safe_name_normalises() -> None:
 
 @pytest.mark.parametrize("name", GOOD)
 def test_pydicom_samples_validate(name: str) -> None:
-    info = inspect_path(TEST_FILES / name)
+    info = inspect_path(testdata(name))
     assert info.sop_uid and info.study_uid and info.series_uid
 
 
 @pytest.mark.parametrize(("name", "match"), sorted(BROKEN.items()))
 def test_broken_files_are_refused_with_a_reason(name: str, match: str) -> None:
     with pytest.raises(ValidationError, match=match) as ei:
-        inspect_path(TEST_FILES / name)
+        inspect_path(testdata(name))
     assert "\n" not in str(ei.value)
 
 
@@ -106,7 +106,7 @@ def visible_files(root: Path) -> list[str]:
 
 def test_commit_layout_index_exists_and_conflict(tmp_path: Path) -> None:
     store = Store(tmp_path / "root")
-    src = TEST_FILES / "CT_small.dcm"
+    src = testdata("CT_small.dcm")
     info = inspect_path(src)
     assert _put(store, src) == "stored"
     rel = f"{info.study_uid}/{info.series_uid}/{info.sop_uid}.dcm"
@@ -136,7 +136,7 @@ def test_commit_layout_index_exists_and_conflict(tmp_path: Path) -> None:
 
 def test_digest_size_and_uid_mismatches_leave_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "root")
-    src = TEST_FILES / "MR_small.dcm"
+    src = testdata("MR_small.dcm")
     data = src.read_bytes()
     info = inspect_path(src)
     up = store.begin(
@@ -237,3 +237,38 @@ def test_disk_full_mid_file_leaves_nothing_partial(tmp_path: Path) -> None:
         assert store.summary()["instances"] == len(statuses)
         assert not [p for p in disk.rglob(".tmp-*")]
         store.close()
+
+
+def fill(path: Path) -> None:
+    """Fill the file system holding ``path`` until it reports ENOSPC."""
+    block = b"\xff" * 4096
+    with contextlib.suppress(OSError), open(path / "filler", "wb", buffering=0) as fp:
+        for _ in range(1 << 20):  # bounded: 4 GiB at most, a tiny tmpfs fills long before
+            fp.write(block)
+    assert (path / "filler").stat().st_size > 0
+
+
+@contextlib.contextmanager
+def index_disk_full(root: Path) -> Iterator[Store]:
+    """A store whose index (``.medstream``) lives on its own tiny tmpfs, filled to the brim."""
+    (root / ".medstream").mkdir(parents=True)
+    with tiny_tmpfs(root / ".medstream", "256k") as idx:
+        store = Store(root)
+        try:
+            fill(idx)
+            yield store
+        finally:
+            store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_index_disk_full_is_a_storage_error_and_leaves_nothing_visible(tmp_path: Path) -> None:
+    files = make_series(tmp_path / "series", 1)
+    root = tmp_path / "root"
+    with index_disk_full(root) as store:
+        with pytest.raises(StorageError, match="disk full"):
+            _put(store, files[0])
+        # Not indexed means not visible: no file at its final path, no temp file left.
+        assert visible_files(root) == []
+        assert not list(root.rglob(".tmp-*"))
+        assert store.summary()["instances"] == 0  # reads still work

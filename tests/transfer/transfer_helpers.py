@@ -6,13 +6,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
+from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from transfer.config import DaemonConfig
 
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+def testdata(name: str) -> Path:
+    """A sample file shipped inside pydicom, by explicit name (never the pattern form, never a
+    download: both would try the network, which hangs offline)."""
+    found = get_testdata_file(name, download=False)
+    if not isinstance(found, str):
+        raise FileNotFoundError(f"pydicom test file {name} is not installed")
+    return Path(found)
 
 
 def write_ct(
@@ -84,4 +91,4 @@ def node_config(root: Path, pki_dir: Path | None, **kw: object) -> DaemonConfig:
 
 def copy_testfile(name: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy(TEST_FILES / name, dest / name))
+    return Path(shutil.copy(testdata(name), dest / name))
