@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import click
 
 from . import inventory as inv_mod
-from .errors import XenctlError
+from .errors import Interrupted, XenctlError
 from .nodes import ScalePlan, scale_nodes
 from .pool import pool_create, pool_eject, pool_failover, pool_status
 from .session import CallStats, Xapi, connect
 from .spec import CloudSpec, Secret, load_spec, resolve_password
+from .up import UpResult, down, up
 
 __all__ = ["cli", "main"]
 
@@ -83,6 +86,8 @@ def _run(fn: Callable[[], int]) -> NoReturn:
         code = fn()
     except XenctlError as exc:
         raise XenctlClickError(str(exc)) from exc
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main)
+        raise XenctlClickError(str(Interrupted("interrupted"))) from exc
     sys.exit(code)
 
 
@@ -112,13 +117,30 @@ def cli(ctx: click.Context, config: str | None, master: str | None, username: st
     """xenctl: form a XenServer / XCP-ng pool and run a fleet of storage node VMs on it.
 
     \b
-    Typical use:
-      export XENCTL_PASSWORD_FILE=~/.xenctl-pw      # never put the password on the command line
-      xenctl -c cloud.yml pool create               # name the pool, join the members
-      xenctl -c cloud.yml scale-nodes 30            # desired state: exactly 30 nodes
-      xenctl -c cloud.yml inventory                 # inventory/hosts.yml for Ansible
+    Typical use on a real pool (see xenctl/README.md and examples/cloud.yml):
+      export XENCTL_PASSWORD_FILE=~/.config/medstream/xenserver-password   # chmod 600
+      xenctl -c cloud.yml pool create          # name the pool, join the members (idempotent)
+      xenctl -c cloud.yml pool status -o json  # master, members, memory, nodes per host
+      xenctl -c cloud.yml scale-nodes 30 --dry-run   # print the plan, change nothing
+      xenctl -c cloud.yml scale-nodes 30       # desired state: exactly 30 node VMs
+      xenctl -c cloud.yml inventory            # inventory/hosts.yml for Ansible
+      xenctl up cloud.yml                      # all of the above + Ansible deploy + smoke test
+      xenctl up --sim                          # the same on a throwaway simulated pool
 
-    Exit codes: 0 nothing changed, 2 changed, 1 error.
+    \b
+    Settings: a flag beats an XENCTL_* / XENSERVER_* variable, which beats
+    cloud.yml, which beats the default. The password is never an argument:
+    --password-file, XENCTL_PASSWORD (or XENSERVER_PASSWORD), XENCTL_PASSWORD_FILE,
+    pool.password_file / pool.password_env in cloud.yml, or a hidden prompt.
+
+    \b
+    TLS is always verified: the system CAs, --ca-file, or pinned SHA-256
+    fingerprints (--fingerprint HOST=SHA256, one per host). --insecure turns
+    verification off for throwaway labs and says so on every run.
+
+    \b
+    Exit codes: 0 nothing changed, 2 something changed, 1 error or interrupted
+    (an interrupted run is finished or undone by running the same command again).
     """
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="xenctl: %(levelname)s: %(message)s", stream=sys.stderr)
@@ -165,10 +187,15 @@ def pool_create_cmd(c: Context, name: str | None, members: str | None, dry_run: 
 
 @pool.command("status")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+              show_default=True, help="json: one object with name, uuid, master and hosts[].")
 @pass_ctx
 def pool_status_cmd(c: Context, output: str) -> None:
-    """Show the master and members: live, API version, memory, node VMs per host."""
+    """Show the master and members: live, enabled, API version, memory free / total and the
+    cloud's node VMs per host. Read-only; exit 0.
+
+    Any pool host will do as --master: a member redirects (HOST_IS_SLAVE) to the master, and
+    when the master is down the members are tried in turn.
+    """
     def go() -> int:
         x = c.connect()
         try:
@@ -198,11 +225,23 @@ def _confirm(yes: bool, what: str) -> None:
                    "the others (pool.emergency_transition_to_master + pool.recover_slaves).")
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--timeout", default=300.0, show_default=True)
+@click.option("--timeout", default=300.0, show_default=True,
+              help="Seconds to wait for the new master to answer.")
 @pass_ctx
 def pool_failover_cmd(c: Context, to: str | None, emergency: bool, dry_run: bool, yes: bool,
                       timeout: float) -> None:
-    """Move the master role (pool.designate_new_master), or take over after the master died."""
+    """Move the master role to another host.
+
+    \b
+    Master alive:  pool.designate_new_master (a planned move, e.g. before
+                   maintenance); the pool database moves with it.
+    --emergency:   the master is dead. A member takes over from its replica of
+                   the database (pool.emergency_transition_to_master), then
+                   pool.recover_slaves points the other members at it. Refused
+                   while the old master still answers.
+
+    Asks for confirmation unless --yes (or --dry-run).
+    """
     def go() -> int:
         spec = c.spec()
         if not dry_run:
@@ -223,7 +262,12 @@ def pool_failover_cmd(c: Context, to: str | None, emergency: bool, dry_run: bool
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
 def pool_eject_cmd(c: Context, host: str, dry_run: bool, yes: bool) -> None:
-    """Remove HOST from the pool (it reboots standalone; its local storage is lost)."""
+    """Remove HOST (name, address or uuid) from the pool with pool.eject.
+
+    The host reboots as a standalone host and its local storage is lost. Refused for the
+    master (move it first with `pool failover --to`) and while VMs run on the host. A host that
+    is not in the pool is nothing to do (exit 0).
+    """
     def go() -> int:
         x = c.connect()
         try:
@@ -253,10 +297,12 @@ def pool_eject_cmd(c: Context, host: str, dry_run: bool, yes: bool) -> None:
 @click.option("--vcpus", type=int, help="vCPUs per node [XENCTL_VCPUS].")
 @click.option("--network", help="Network (name_label, bridge or uuid) [XENCTL_NETWORK].")
 @click.option("--cidr", help="The node IP must fall in this CIDR [XENCTL_CIDR].")
-@click.option("--placement", type=click.Choice(["spread", "pack"]), help="[XENCTL_PLACEMENT]")
+@click.option("--placement", type=click.Choice(["spread", "pack"]),
+              help="spread: each node on the host with the most free memory (even spread); "
+                   "pack: fill one host before the next [XENCTL_PLACEMENT].")
 @click.option("--ip-timeout", type=float, help="Seconds to wait for a node's IP [XENCTL_IP_TIMEOUT].")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+              show_default=True, help="json: the plan, the nodes (name, IP, host) and failures.")
 @pass_ctx
 def scale_nodes_cmd(c: Context, count: int | None, dry_run: bool, yes: bool, concurrency: int | None,
                     template: str | None, memory: str | None, vcpus: int | None,
@@ -264,10 +310,19 @@ def scale_nodes_cmd(c: Context, count: int | None, dry_run: bool, yes: bool, con
                     ip_timeout: float | None, output: str) -> None:
     """Make the node fleet exactly COUNT VMs (desired state; default nodes.count).
 
-    Creates the missing indexes (clone, size, VIF, start on the planned host, wait for the IP),
-    removes the highest indexes above COUNT (clean then hard shutdown, disks destroyed), and
-    cleans up whatever an interrupted run left. Refuses before changing anything when the pool
-    lacks memory.
+    \b
+    Nodes are found by other_config tags (xenctl-cloud, xenctl-index), never by
+    name. Missing indexes are created, --concurrency at a time: clone the
+    template, size it, VIF on the network, VM.start_on the planned host, wait
+    (event.from, no polling) for an IP inside nodes.cidr. Indexes above COUNT
+    are removed highest first: clean shutdown, hard shutdown after
+    nodes.shutdown_timeout, disks destroyed, VM destroyed. Halted nodes are
+    started; whatever a killed run left half-built is removed.
+
+    \b
+    Refuses, before changing anything, when the pool lacks the memory, and
+    names the shortfall. --dry-run prints the plan with read-only calls only.
+    Exit 0 nothing changed, 2 changed, 1 error (a re-run converges).
     """
     def go() -> int:
         spec = c.spec(**{"nodes.count": count, "nodes.concurrency": concurrency,
@@ -316,8 +371,14 @@ def scale_nodes_cmd(c: Context, count: int | None, dry_run: bool, yes: bool, con
 def inventory_cmd(c: Context, path: str, as_list: bool, host: str | None) -> None:
     """Write the Ansible inventory (groups nodes, workstation) from the pool.
 
-    With --list / --host it is an Ansible dynamic inventory script (configure it with
-    XENCTL_CONFIG and the password variables).
+    Nodes are the cloud's running VMs with an IP in nodes.cidr (ansible_host = that IP);
+    the workstation comes from cloud.yml. The file is rewritten only when it changes
+    (exit 2 changed, 0 unchanged).
+
+    \b
+    As an Ansible dynamic inventory script (prints JSON, writes nothing):
+      XENCTL_CONFIG=cloud.yml xenctl inventory --list
+      XENCTL_CONFIG=cloud.yml xenctl inventory --host node-01
     """
     def go() -> int:
         spec = c.spec()
@@ -344,26 +405,46 @@ def inventory_cmd(c: Context, path: str, as_list: bool, host: str | None) -> Non
 @cli.command("up")
 @click.argument("cloud_yml", required=False, type=click.Path(dir_okay=False))
 @click.option("--sim", is_flag=True,
-              help="Run on a throwaway simulated pool (xapisim, 3 hosts); nothing is left behind.")
+              help="Run on a throwaway simulated pool (xapisim, 3 hosts, a workstation); "
+                   "everything is removed when xenctl exits or is interrupted.")
 @click.option("--sim-backend", type=click.Choice(["memory", "lab"]), default="lab",
               show_default=True,
-              help="With --sim: real lab hosts with sshd (needs root), or records only "
-                   "(memory: no deploy or smoke possible).")
+              help="With --sim: lab = every node is a real lab host (network namespace + sshd; "
+                   "needs root); memory = records only (needs --skip deploy,smoke).")
 @click.option("--nodes", type=click.IntRange(0, 1000), help="Node count (default nodes.count; 5 with --sim).")
 @click.option("--skip", default="", metavar="PHASE,...",
-              help="Phases to skip: pool, nodes, inventory, deploy, smoke.")
+              help="Phases to skip: pool, nodes, inventory, deploy, smoke, study.")
 @click.option("--study-slices", type=click.IntRange(0, 10000),
               help="After the smoke test, upload a generated CT series of this many 640x640 "
                    "slices from the workstation (default: 360 with --sim, else 0 = no upload).")
-@click.option("--inventory", "inventory_path", default="inventory/hosts.yml", show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False),
+              help="Inventory file to write (default inventory/hosts.yml; with --sim a file "
+                   "in the simulator's directory, removed on exit).")
 @pass_ctx
 def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes: int | None,
-           skip: str, study_slices: int | None, inventory_path: str) -> None:
-    """The whole storage cloud from one command: pool create, scale-nodes, inventory,
-    ansible-playbook playbooks/site.yml, smoke test. Re-run to resume after a failure."""
-    from .up import up
+           skip: str, study_slices: int | None, inventory_path: str | None) -> None:
+    """The whole storage cloud from one command, in phases:
 
+    \b
+      pool       pool create (name the pool, join the members, check replicas)
+      nodes      scale-nodes to --nodes / nodes.count
+      inventory  inventory/hosts.yml from the pool
+      deploy     ansible-playbook playbooks/site.yml (daemon on every node,
+                 client on the workstation), over SSH
+      smoke      a small study uploaded from the workstation and fetched back,
+                 every file compared
+      study      (--study-slices N) an N-slice CT series uploaded to the nodes
+
+    Each phase prints its progress and a line when it ends. Every phase is idempotent: when
+    one fails, xenctl names it and the cause; fix it and run the same command again, finished
+    phases report no change. Exit 0 nothing changed, 2 changed, 1 failed or interrupted.
+
+    \b
+    xenctl up cloud.yml     a real pool (the password as for every command)
+    xenctl up --sim         xapisim with 3 hosts and lab hosts, 5 nodes, Ansible
+                            over real SSH, the 360-slice series; nothing is left
+                            behind when it ends, fails or gets Ctrl-C / SIGTERM
+    """
     skips = {p.strip() for p in skip.split(",") if p.strip()}
 
     def go() -> int:
@@ -376,37 +457,65 @@ def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes
             slices = 360 if study_slices is None else study_slices
             if sim_backend == "memory":
                 slices = 0
-            with sim_cloud(5 if nodes is None else nodes, backend=sim_backend) as sc:
-                res = up(sc.spec, sc.password, inventory_path=Path(inventory_path), skip=skips,
-                         progress=c.say, stats=c.stats, deploy=sc.deploy, study_slices=slices)
+            c.say(f"starting xapisim (3 hosts, {sim_backend} backend)")
+            try:
+                with sim_cloud(5 if nodes is None else nodes, backend=sim_backend) as sc:
+                    c.say(f"simulated pool up; its files are in {sc.workdir.parent} "
+                          "(removed on exit)")
+                    inv = Path(inventory_path) if inventory_path else \
+                        sc.workdir / "inventory" / "hosts.yml"
+                    res = up(sc.spec, sc.password, inventory_path=inv, skip=skips,
+                             progress=c.say, stats=c.stats, deploy=sc.deploy,
+                             study_slices=slices)
+                    # summarised before the teardown so the node table is still meaningful
+                    _print_up(res, t0)
+                    c.say("tearing down the simulated pool")
+            except Interrupted as exc:
+                raise Interrupted(f"{exc.message}; the simulated pool was torn down",
+                                  hint="nothing is left behind; run xenctl up --sim again") \
+                    from exc
+            except KeyboardInterrupt as exc:
+                raise Interrupted("interrupted; the simulated pool was torn down",
+                                  hint="nothing is left behind; run xenctl up --sim again") \
+                    from exc
+            c.say("simulated pool removed")
         else:
             if cloud_yml:
                 c.config = cloud_yml
-            res = up(c.spec(), c.password(), count=nodes, inventory_path=Path(inventory_path),
+            res = up(c.spec(), c.password(), count=nodes,
+                     inventory_path=Path(inventory_path or "inventory/hosts.yml"),
                      skip=skips, progress=c.say, stats=c.stats, study_slices=study_slices or 0)
-        click.echo("\n".join(res.summary()))
-        stored = {str(n["node"]): n for n in res.study.get("nodes", [])}
-        for n in res.nodes:
-            line = f"{n.name}  {n.ip or '-':<15}  {n.host}"
-            st = next((v for k, v in stored.items() if k.startswith(n.ip + ":")), None) if n.ip else None
-            if st:
-                line += f"  {st['files']} images, {st['bytes'] / 1e6:.0f} MB, {st['mb_per_s']:.0f} MB/s"
-            click.echo(line)
-        click.echo(f"done in {time.monotonic() - t0:.1f}s")
+            _print_up(res, t0)
         return EXIT_CHANGED if res.changed else EXIT_OK
     _run(go)
+
+
+def _print_up(res: UpResult, t0: float) -> None:
+    click.echo("\n".join(res.summary()))
+    stored = {str(n["node"]): n for n in res.study.get("nodes", [])}
+    for n in res.nodes:
+        line = f"{n.name}  {n.ip or '-':<15}  {n.host}"
+        st = next((v for k, v in stored.items() if k.startswith(n.ip + ":")), None) if n.ip else None
+        if st:
+            line += f"  {st['files']} images, {st['bytes'] / 1e6:.0f} MB, {st['mb_per_s']:.0f} MB/s"
+        click.echo(line)
+    click.echo(f"done in {time.monotonic() - t0:.1f}s")
 
 
 @cli.command("down")
 @click.argument("cloud_yml", required=False, type=click.Path(dir_okay=False))
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--inventory", "inventory_path", default="inventory/hosts.yml", show_default=True,
-              type=click.Path(dir_okay=False))
+              type=click.Path(dir_okay=False), help="Inventory file to rewrite (emptied of nodes).")
 @pass_ctx
 def down_cmd(c: Context, cloud_yml: str | None, yes: bool, inventory_path: str) -> None:
-    """Remove the node fleet (VMs and their disks) and empty the inventory; the pool stays."""
-    from .up import down
+    """Remove the cloud's node fleet: every node VM (found by its tags) is shut down (clean,
+    then hard after nodes.shutdown_timeout) and destroyed with its disks, and the inventory is
+    rewritten without nodes. The pool itself stays (`pool eject` takes hosts out).
 
+    Asks for confirmation unless --yes. Exit 2 when nodes were removed, 0 when there were
+    none, 1 on error (run it again: it converges).
+    """
     def go() -> int:
         if cloud_yml:
             c.config = cloud_yml
@@ -419,7 +528,12 @@ def down_cmd(c: Context, cloud_yml: str | None, yes: bool, inventory_path: str) 
     _run(go)
 
 
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # stop like Ctrl-C: waits end, sessions are logged out
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
     cli.main(prog_name="xenctl")
 
 

@@ -14,7 +14,8 @@ Hierarchy (every leaf also inherits the builtin it resembles, so callers may cat
     │   ├── PoolError                      pool.join / eject / failover refusals
     │   └── TransientError                 TOO_MANY_PENDING_TASKS, HOST_STILL_BOOTING (retryable)
     ├── PlanError(ValueError)              the desired state cannot be reached (e.g. memory shortfall)
-    └── WaitTimeout(TimeoutError)          a VM never reported an IP in the CIDR, a host never came up
+    ├── WaitTimeout(TimeoutError)          a VM never reported an IP in the CIDR, a host never came up
+    └── Interrupted                        the run was interrupted (Ctrl-C, SIGTERM); a re-run converges
 
 ``map_xapi_errors()`` is the single translation point (after httpx's ``map_httpcore_exceptions``):
 ``XenAPI.Failure``, ``xmlrpc.client.Fault``, ``ssl.SSLError`` and ``OSError`` become the most
@@ -34,6 +35,7 @@ import XenAPI
 __all__ = [
     "CapacityError",
     "CredentialsError",
+    "Interrupted",
     "NotFoundError",
     "PlanError",
     "PoolError",
@@ -93,6 +95,13 @@ class PlanError(XenctlError, ValueError):
 
 class WaitTimeout(XenctlError, TimeoutError):
     """Something did not happen within its time limit."""
+
+
+class Interrupted(XenctlError):
+    """The run was interrupted (Ctrl-C or SIGTERM) and stopped waiting; nothing half-done is lost:
+    the next run finds and finishes or removes it."""
+
+    hint = "run the same command again: xenctl converges from any state"
 
 
 class XapiError(XenctlError):

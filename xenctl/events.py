@@ -17,7 +17,7 @@ import xmlrpc.client
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .errors import WaitTimeout, XenctlError, error_for_code
+from .errors import Interrupted, WaitTimeout, XenctlError, error_for_code
 from .session import Xapi
 
 __all__ = ["EventWatcher", "task_result_ref"]
@@ -55,6 +55,7 @@ class EventWatcher:
         self.deleted: set[str] = set()
         self.cond = threading.Condition()
         self.error: XenctlError | None = None
+        self.aborted: str | None = None  # why abort() was called
         self.generation = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xenctl-events", daemon=True)
@@ -80,6 +81,13 @@ class EventWatcher:
                 pass
         self._thread.join(self.poll_timeout + 10)
         self.xapi.logout()
+
+    def abort(self, why: str = "interrupted") -> None:
+        """Make every current and future :meth:`wait_for` raise :class:`Interrupted` at once
+        (the event loop itself goes on until :meth:`stop`)."""
+        with self.cond:
+            self.aborted = why
+            self.cond.notify_all()
 
     def _run(self) -> None:
         try:
@@ -123,6 +131,8 @@ class EventWatcher:
                 result = predicate()
                 if result is not None:
                     return result
+                if self.aborted is not None:
+                    raise Interrupted(f"{self.aborted} while waiting for {what}")
                 if self.error is not None:
                     raise self.error
                 left = deadline - time.monotonic()

@@ -33,12 +33,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import (
+    Interrupted,
     NotFoundError,
     PlanError,
     SpecError,
@@ -449,6 +450,7 @@ class _Runner:
         self.sessions = _SessionPool(main, max(1, self.nodes.concurrency))
         self.template_vifs_wrong = False
         self.provision_sr_uuid = ""  # resolved once, before the workers start
+        self.unsettled: set[int] = set()  # indexes whose clone outcome is unknown (journal kept)
 
     # ------------------------------------------------------------------ helpers
     def run_task(self, x: Xapi, method: str, *args: Any, what: str,
@@ -532,7 +534,7 @@ class _Runner:
                     self._build(x, step, res)
                     return res
                 except (TransientError, XapiConnectionError) as exc:
-                    if attempt + 1 >= attempts:
+                    if attempt + 1 >= attempts or step.index in self.unsettled:
                         raise
                     self.progress(step.name, f"retrying after {exc}")
         return res
@@ -550,10 +552,14 @@ class _Runner:
             x.call("pool.add_to_other_config", pool_ref, key, name)
         vm = ""
         journal = True
+        clone_unknown = False  # a clone was asked for and its outcome is not known
         try:
+            self.check_aborted()
             self.progress(name, "cloning")
+            clone_unknown = True
             vm = self.run_task(x, "Async.VM.clone", self.template_ref, name,
                                what=f"clone of {name}")
+            clone_unknown = False
             if not vm.startswith("OpaqueRef:"):
                 raise XapiError("INTERNAL", [vm], message=f"clone of {name} returned {vm!r}")
             res.vm = vm
@@ -569,6 +575,7 @@ class _Runner:
             self._size(x, vm, rec)
             self._vif(x, vm, rec)
             x.call("VM.provision", vm)
+            self.check_aborted()
             self.progress(name, f"starting on {step.host_name}")
             self.run_task(x, "Async.VM.start_on", vm, step.host_ref, False, False,
                           what=f"start of {name}")
@@ -576,14 +583,49 @@ class _Runner:
             res.ip = self.wait_ip(vm, name)
             self.progress(name, f"up at {res.ip}")
         except BaseException as exc:
+            if isinstance(exc, XapiError):
+                clone_unknown = False  # the clone task failed (or was never created)
+            if self.watcher.aborted is not None or not isinstance(exc, Exception):
+                # interrupted: stop at once; the next run finds what is left (tags, journal)
+                self.progress(name, "interrupted; the next run finishes or removes it")
+                res.vm = ""
+                raise
             self.progress(name, f"failed: {exc}; removing the half-built VM")
             with suppress(XenctlError):
+                if clone_unknown and isinstance(exc, XapiConnectionError):
+                    # the connection dropped around Async.VM.clone: a clone may exist untagged
+                    self._sweep_clone(x, name)
+                    clone_unknown = False
                 if vm:
                     self.destroy_vm(x, vm, name, clean=False)
-                if journal:
+                if journal and not clone_unknown:
                     x.call("pool.remove_from_other_config", pool_ref, key)
+                elif journal:
+                    self.unsettled.add(step.index)
+                    self.progress(name, "a clone may still be in flight; the next run removes it")
             res.vm = ""
             raise
+
+    def check_aborted(self) -> None:
+        if self.watcher.aborted is not None:
+            raise Interrupted(self.watcher.aborted)
+
+    def _sweep_clone(self, x: Xapi, name: str) -> None:
+        """Wait for the clone tasks pending now, then destroy any untagged clone named ``name``."""
+        with self.watcher.cond:
+            pending = {r for r, t in self.watcher.objects.get("task", {}).items()
+                       if t.get("name_label") == "Async.VM.clone"
+                       and t.get("status") in ("pending", "cancelling")}
+
+        def settled() -> bool | None:
+            tasks = self.watcher.objects.get("task", {})
+            busy = [r for r in pending
+                    if tasks.get(r, {}).get("status") in ("pending", "cancelling")]
+            return None if busy else True
+        self.watcher.wait_for(settled, self.task_timeout, f"clone tasks to settle ({name})")
+        for ref in _stray_clones(self.watcher, self.spec, name):
+            self.progress(name, "removing a clone whose request lost its connection")
+            self.destroy_vm(x, ref, name, clean=False)
 
     def _provision_sr(self, disks: str) -> str:
         """xe vm-install rewrites an empty ``sr`` in the provision spec to the default SR uuid;
@@ -634,6 +676,7 @@ class _Runner:
     def start(self, step: Step) -> NodeResult:
         res = NodeResult(step.index, step.name, vm=step.vm_ref, host=step.host_name,
                          action="start")
+        self.check_aborted()
         with self.sessions.borrow() as x:
             self.progress(step.name, f"starting on {step.host_name}")
             state = self.watcher.get("vm", step.vm_ref) or {}
@@ -655,12 +698,24 @@ class _Runner:
     def remove(self, step: Step) -> NodeResult:
         res = NodeResult(step.index, step.name, vm=step.vm_ref, host=step.host_name,
                          action=step.action)
+        self.check_aborted()
         with self.sessions.borrow() as x:
             self.progress(step.name, "removing" if step.action == "remove" else
                           "removing half-built VM")
             self.destroy_vm(x, step.vm_ref, step.name, clean=step.action == "remove")
         self.progress(step.name, "removed")
         return res
+
+
+def _stray_clones(watcher: EventWatcher, spec: CloudSpec, name: str) -> list[str]:
+    """Untagged clones named ``name``: what a clone asked for before tagging leaves behind (a clone
+    of a template is still a template until VM.provision; never the template itself)."""
+    with watcher.cond:
+        vms = dict(watcher.objects.get("vm", {}))
+    return [ref for ref, rec in sorted(vms.items())
+            if rec.get("name_label") == name and TAG_CLOUD not in (rec.get("other_config") or {})
+            and rec.get("is_a_template") and not rec.get("is_default_template")
+            and spec.nodes.template not in (rec.get("name_label"), rec.get("uuid"))]
 
 
 def _recover(x: Xapi, watcher: EventWatcher, view: PoolView, spec: CloudSpec,
@@ -685,16 +740,10 @@ def _recover(x: Xapi, watcher: EventWatcher, view: PoolView, spec: CloudSpec,
     watcher.wait_for(quiet, timeout, "operations left by an interrupted run to finish")
     if not journal:
         return False
-    with watcher.cond:
-        vms = dict(watcher.objects.get("vm", {}))
     for key, name in sorted(journal.items()):
-        for ref, rec in vms.items():
-            oc = rec.get("other_config") or {}
-            if (rec.get("name_label") == name and TAG_CLOUD not in oc and rec.get("is_a_template")
-                    and not rec.get("is_default_template")
-                    and spec.nodes.template not in (rec.get("name_label"), rec.get("uuid"))):
-                progress(name, "removing a clone left by an interrupted run")
-                destroy(x, ref, name)
+        for ref in _stray_clones(watcher, spec, name):
+            progress(name, "removing a clone left by an interrupted run")
+            destroy(x, ref, name)
         with suppress(XapiError):
             x.call("pool.remove_from_other_config", view.pool_ref, key)
     return True
@@ -825,19 +874,28 @@ def _plan_and_apply(xapi: Xapi, spec: CloudSpec, desired: int, view: PoolView, *
     phases = [[s for s in plan.steps if s.action in ("cleanup", "remove")],
               [s for s in plan.steps if s.action in ("start", "create", "wait")]]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xenctl-node") as ex:
-        for phase in phases:
-            futures = {ex.submit(work[s.action], s): s for s in phase}
-            for fut in as_completed(futures):
-                s = futures[fut]
-                if s.action != "wait":
-                    result.changed = True
-                try:
-                    r = fut.result()
-                except XenctlError as exc:
-                    result.failures.append(NodeResult(s.index, s.name, host=s.host_name,
-                                                      action=s.action, error=str(exc)))
-                    progress(s.name, f"FAILED: {exc}")
-                    continue
-                if s.action not in ("remove", "cleanup"):
-                    result.nodes.append(r)
+        futures: dict[Future[NodeResult], Step] = {}
+        try:
+            for phase in phases:
+                futures = {ex.submit(work[s.action], s): s for s in phase}
+                for fut in as_completed(futures):
+                    s = futures[fut]
+                    if s.action != "wait":
+                        result.changed = True
+                    try:
+                        r = fut.result()
+                    except XenctlError as exc:
+                        result.failures.append(NodeResult(s.index, s.name, host=s.host_name,
+                                                          action=s.action, error=str(exc)))
+                        progress(s.name, f"FAILED: {exc}")
+                        continue
+                    if s.action not in ("remove", "cleanup"):
+                        result.nodes.append(r)
+        except BaseException:
+            # Ctrl-C / SIGTERM (or a bug): start nothing new, wake every waiting worker so the
+            # pool shuts down at once; what is in flight is left for the next run to converge
+            watcher.abort("interrupted")
+            for fut in futures:
+                fut.cancel()
+            raise
     return result

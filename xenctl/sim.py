@@ -1,15 +1,23 @@
 """``--sim`` wiring: a throwaway pool on xapisim for ``xenctl up --sim``.
 
 The only module of xenctl that imports ``xapisim`` (and, through its lab backend, ``labnet``).
-Everything it starts is stopped when the context exits, also on Ctrl-C or SIGTERM.
+Everything it starts is stopped when the context exits, also on Ctrl-C or SIGTERM: the lab hosts
+(network namespaces, sshd), the simulator, Ansible's SSH connection masters (their sockets live in
+the simulator's directory, and each is told to exit), and every file: the inventory, the deploy
+state (PKI, token, logs) and the certificates all live in the simulator's temporary directory,
+which is removed. Only the wheelhouse cache (``~/.local/state/medstream/wheelhouse``, keyed by a
+hash of the sources) is kept, so the next run does not rebuild it. While tearing down, further
+SIGINT / SIGTERM are ignored so a second Ctrl-C cannot leave half a lab behind.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -29,6 +37,21 @@ class SimCloud:
     password: Secret
     deploy: DeployOptions
     sim: Any
+    workdir: Path  # removed on exit: put the inventory and anything else per-run here
+
+
+def _close_ssh_masters(cp_dir: Path) -> None:
+    """Ask every SSH connection master whose socket is in ``cp_dir`` to exit (``ssh -O exit``):
+    Ansible leaves them running for ControlPersist seconds, and one whose lab host vanished
+    would otherwise linger until its keep-alives time out."""
+    if not cp_dir.is_dir():
+        return
+    for sock in sorted(cp_dir.iterdir()):
+        try:
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "xenctl-sim"],
+                           capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
 
 @contextmanager
@@ -43,10 +66,18 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous_term = signal.signal(signal.SIGTERM, on_term)
+    previous_int = signal.getsignal(signal.SIGINT)
+    cp_dir: Path | None = None
     try:
         sim.start()
-        deploy = DeployOptions()
+        assert sim.workdir is not None
+        workdir = Path(sim.workdir) / "xenctl"
+        workdir.mkdir(mode=0o700)
+        cp_dir = workdir / "cp"
+        cp_dir.mkdir(mode=0o700)
+        deploy = DeployOptions(state_dir=workdir / "state",
+                               extra_vars={"ansible_control_path_dir": str(cp_dir)})
         cidr = MEMORY_CIDR
         workstation = ""
         key = None
@@ -56,8 +87,9 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
             ws = be.add_extra_host("workstation")
             workstation = str(ws.ip)
             key = be.private_key
-            deploy = DeployOptions(ssh_config=be.ssh_config, private_key=be.private_key,
-                                   known_hosts=getattr(be, "known_hosts", None))
+            deploy.ssh_config = be.ssh_config
+            deploy.private_key = be.private_key
+            deploy.known_hosts = getattr(be, "known_hosts", None)
         addrs = [f"{h.address}:{sim.port}" for h in sim.hosts]
         spec = load_spec(None, env={}, overrides={
             "cloud": cloud, "pool.master": addrs[0], "pool.members": addrs[1:],
@@ -66,9 +98,20 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
             "workstation.address": workstation or None, "workstation.ssh_private_key": key,
             "nodes.ip_timeout": 300,
         })
-        yield SimCloud(spec, Secret(sim.password), deploy, sim)
+        yield SimCloud(spec, Secret(sim.password), deploy, sim, workdir)
     finally:
+        # no second Ctrl-C / SIGTERM in the middle of the teardown
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
+            if cp_dir is not None:
+                _close_ssh_masters(cp_dir)
             sim.stop()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+            signal.signal(signal.SIGINT, _restorable(previous_int))
+
+
+def _restorable(handler: Any) -> Callable[..., Any] | int:
+    """``signal.getsignal`` may return None (a handler not set from Python): restore the default."""
+    return handler if handler is not None else signal.SIG_DFL

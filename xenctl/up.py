@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import XenctlError
+from .errors import Interrupted, XenctlError
 from .inventory import build_inventory, write_inventory
 from .nodes import NodeResult, scale_nodes
 from .pool import pool_create
@@ -80,6 +80,10 @@ class DeployOptions:
     private_key: Path | None = None
     known_hosts: Path | None = None
     extra_vars: Mapping[str, Any] = field(default_factory=dict)
+    #: the deploy runner's state (PKI, token, logs); None: its default (~/.local/state/medstream).
+    #: A throwaway cloud (--sim) keeps it in its own directory; the wheelhouse stays in the
+    #: default cache either way (it depends only on the sources)
+    state_dir: Path | None = None
 
 
 @contextmanager
@@ -95,6 +99,12 @@ def _phase(result: UpResult, name: str, progress: Progress) -> Iterator[Phase]:
     except XenctlError as exc:
         ph.seconds = time.monotonic() - t0
         raise PhaseError(name, exc) from exc
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM turned into it by the CLI
+        ph.seconds = time.monotonic() - t0
+        progress(f"== {name}: interrupted after {ph.seconds:.1f}s")
+        raise Interrupted(f"interrupted during phase {name!r}",
+                          hint="run the same command again to resume; finished phases are "
+                               "not redone") from exc
     ph.seconds = time.monotonic() - t0
     progress(f"== {name}: {'changed' if ph.changed else 'ok'} in {ph.seconds:.1f}s"
              + (f" ({ph.detail})" if ph.detail else ""))
@@ -196,8 +206,13 @@ def _deploy(inventory: Path, opts: DeployOptions, progress: Progress) -> tuple[b
     run = getattr(mod, "run_site", None)
     if run is None:
         raise XenctlError("xenctl.deploy has no run_site() (see docs/INTERFACES.md)")
+    kw: dict[str, Any] = {}
+    if opts.state_dir is not None:
+        kw["state_dir"] = opts.state_dir
+        kw["wheelhouse"] = mod.build_wheelhouse(mod.default_state_dir() / "wheelhouse",
+                                                progress=progress)
     res = run(inventory, ssh_config=opts.ssh_config, private_key=opts.private_key,
-              extra_vars=dict(opts.extra_vars), progress=progress)
+              extra_vars=dict(opts.extra_vars), progress=progress, **kw)
     changed = bool(getattr(res, "changed", True))
     return changed, str(getattr(res, "summary", ""))
 

@@ -150,15 +150,18 @@ def test_faults_survived(pool3: SimServer) -> None:
     assert fleet_state(pool3)["loose_vdis"] == baseline_loose
 
 
-def _xenctl_proc(sim: SimServer, n: int, workdir: Path) -> subprocess.Popen[str]:
+def _xenctl_proc(sim: SimServer, n: int, workdir: Path, *extra: str,
+                 **env_extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XENCTL_", "XENSERVER_"))}
     env.update({"XENCTL_PASSWORD": sim.password, "XENCTL_CA_FILE": sim.ca_file,
                 "XENCTL_TEMPLATE": "CentOS 7 (medstream node)", "XENCTL_NETWORK": "xenbr0",
-                "XENCTL_CIDR": NODE_CIDR, "PYTHONUNBUFFERED": "1"})
+                "XENCTL_CIDR": NODE_CIDR, "PYTHONUNBUFFERED": "1", **env_extra})
     return subprocess.Popen(
         [sys.executable, "-m", "xenctl.cli", "-vv", "--master",
-         f"{sim.hosts[0].address}:{sim.port}", "scale-nodes", str(n), "--concurrency", "4"],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         f"{sim.hosts[0].address}:{sim.port}", "scale-nodes", str(n), "--concurrency", "4",
+         *extra],
+        cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
 
 
 def _read_until(proc: subprocess.Popen[str], needle: str, count: int, timeout: float) -> list[str]:
@@ -273,3 +276,134 @@ def test_ip_never_in_cidr_times_out_and_the_half_built_node_is_destroyed(pool3: 
              "XENCTL_IP_TIMEOUT": "1"})
     assert runner.exit_code == 1
     assert "xenctl: error: 1 node(s) failed; rerun to converge" in runner.output
+
+
+def test_killed_mid_scale_down_then_rerun_leaves_no_orphan(make_sim: Any, tmp_path: Path) -> None:
+    """Scale-down killed (SIGKILL by PID) between shutdowns and destroys: the re-run removes
+    the rest, and no VM or disk of the fleet is left."""
+    sim = make_sim(latency={"delays": {"VM.clean_shutdown": 0.5, "VM.hard_shutdown": 0.2}})
+    from xenctl.pool import pool_create
+    pool_create(sim_spec(sim).pool, Secret(sim.password))
+    baseline = fleet_state(sim)
+    assert not scale(sim, 8).failures
+    proc = _xenctl_proc(sim, 2, tmp_path, "--yes")
+    try:
+        _read_until(proc, "shutting down", 5, timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    killed = fleet_state(sim)
+    assert 2 < len(killed["fleet"]) < 8  # some removed, some not
+    res = scale(sim, 2)
+    assert res.changed and not res.failures
+    st = fleet_state(sim)
+    assert sorted(st["fleet"]) == [1, 2]  # the highest indexes went
+    assert all(r["power_state"] == "Running" for r in st["fleet"].values())
+    scale(sim, 0)
+    st = fleet_state(sim)
+    assert st["fleet"] == {} and st["strays"] == baseline["strays"]
+    assert st["loose_vdis"] == baseline["loose_vdis"] and st["journal"] == {}
+
+
+def test_sigint_stops_waiting_at_once_and_rerun_converges(pool3: SimServer, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the xenctl PID) while nodes wait for an IP that never comes (wrong
+    CIDR, 300 s timeout): xenctl stops at once with a clear message and exit 1; the re-run with
+    the right CIDR converges with no orphan."""
+    baseline = fleet_state(pool3)
+    proc = _xenctl_proc(pool3, 6, tmp_path, XENCTL_CIDR="192.0.2.0/24", XENCTL_IP_TIMEOUT="300")
+    try:
+        _read_until(proc, "waiting for IP", 2, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)  # without the abort this would wait 300 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 1, out
+    assert "xenctl: error: interrupted" in out and "run the same command again" in out
+    assert "Traceback" not in out
+    res = scale(pool3, 6)
+    assert not res.failures, res.failures
+    st = fleet_state(pool3)
+    assert sorted(st["fleet"]) == list(range(1, 7))
+    assert all(r["power_state"] == "Running" and not r["is_a_template"]
+               for r in st["fleet"].values())
+    assert st["strays"] == baseline["strays"] and st["journal"] == {}
+    scale(pool3, 0)
+    assert fleet_state(pool3)["loose_vdis"] == baseline["loose_vdis"]
+
+
+def test_dropped_clone_request_is_swept_and_retried(pool3: SimServer) -> None:
+    """The connection drops during Async.VM.clone (a mutating call: not re-sent blindly): xenctl
+    waits for pending clones, removes any untagged clone of that name, then builds the node."""
+    baseline = fleet_state(pool3)
+    drop = pool3.faults.drop_connection("VM.clone", nth=2)
+    res = scale(pool3, 3)
+    assert drop.fired == 1
+    assert not res.failures, res.failures
+    st = fleet_state(pool3)
+    assert sorted(st["fleet"]) == [1, 2, 3]
+    assert st["strays"] == baseline["strays"] and st["journal"] == {}
+
+
+def test_pack_fills_one_host_before_the_next(make_sim: Any) -> None:
+    sim = make_sim(host_memory=4 * 1024**3)  # room for 3 one-GiB nodes per host (dom0 uses some)
+    from xenctl.pool import pool_create
+    pool_create(sim_spec(sim).pool, Secret(sim.password))
+    res = scale(sim, 4, spec={"nodes.placement": "pack"})
+    assert not res.failures
+    counts = sorted(per_host(fleet_state(sim)).values(), reverse=True)
+    assert counts[0] >= 2 and len(counts) < 3, counts  # filled one host, did not spread
+    with pytest.raises(PlanError, match=r"cannot hold \d+ more node\(s\).*short by"):
+        scale(sim, 40, spec={"nodes.placement": "pack"})
+
+
+def test_bounded_concurrency_and_no_polling(make_sim: Any) -> None:
+    """An independent observer (its own SDK session on event.from) sees at most --concurrency
+    clone/start tasks pending at once, and more than one (parallel, not serial); xenctl itself
+    never polls a task or the guest metrics."""
+    import threading
+
+    sim = make_sim(latency={"delays": {"VM.clone": 0.3, "VM.start_on": 0.3, "guest_ip": 0.3}})
+    from xenctl.pool import pool_create
+    pool_create(sim_spec(sim).pool, Secret(sim.password))
+    observer = sim.session()
+    pending: set[str] = set()
+    peak = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        token = ""
+        while not stop.is_set():
+            batch = getattr(observer.xenapi.event, "from")(["task"], token, 1.0)
+            token = batch["token"]
+            for ev in batch["events"]:
+                snap = ev.get("snapshot") or {}
+                if ev["operation"] != "del" and snap.get("name_label") in (
+                        "Async.VM.clone", "Async.VM.start_on") and snap.get("status") == "pending":
+                    pending.add(ev["ref"])
+                else:
+                    pending.discard(ev["ref"])
+            peak = max(peak, len(pending))
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    stats = CallStats()
+    try:
+        res = scale(sim, 9, stats=stats, spec={"nodes.concurrency": 3})
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert not res.failures
+    assert 2 <= peak <= 3, peak
+    polling = {m: n for m, n in stats.counts.items() if m in (
+        "task.get_status", "task.get_record", "task.get_progress", "VM.get_guest_metrics",
+        "VM_guest_metrics.get_networks", "VM_guest_metrics.get_record", "VM.get_power_state")}
+    assert polling == {}
+    assert res.calls / 9 <= 15, res.call_counts
