@@ -30,6 +30,10 @@ def _errors(fn: F) -> F:
         except TransferError as exc:
             click.echo(f"transfer: error: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:  # a local file we were told to read or write
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"transfer: error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("transfer: interrupted", err=True)
             sys.exit(130)
@@ -116,16 +120,22 @@ def cli() -> None:
 )
 @click.option(
     "--replicas",
-    type=int,
-    help="Copies of each object on distinct nodes (default 1 or the config's).",
+    type=click.IntRange(min=1),
+    help="Copies of each object on distinct nodes, chosen by rendezvous hashing of the SOP "
+    "Instance UID (default 1 or the config's).",
 )
-@click.option("--connections", type=int, help="Connections per node (default 4 or the config's).")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 64),
+    help="Parallel connections per node (default 4 or the config's).",
+)
 @click.option(
     "--retries",
-    type=int,
+    type=click.IntRange(0, 20),
     default=4,
     show_default=True,
-    help="Reconnect attempts per node, with backoff.",
+    help="Reconnect attempts per connection and resends per file, with exponential backoff "
+    "(0.2 s doubling, at most 5 s).",
 )
 @click.option(
     "--allow-other", is_flag=True, help="Also upload non-DICOM files (stored by content hash)."
@@ -159,6 +169,8 @@ def upload(
     """
     if protocol == "erl3d":
         node_opts["insecure_plaintext"] = True
+    if json_report and not Path(json_report).resolve().parent.is_dir():
+        raise TransferError(f"--json-report: directory {Path(json_report).parent} does not exist")
     cfg, addrs, creds = _resolve(**node_opts)
     reps = replicas if replicas is not None else cfg.replicas
     if not 1 <= reps <= len(addrs):
@@ -212,7 +224,12 @@ def upload(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
 def ls_cmd(study: str | None, series: str | None, as_json: bool, **node_opts: Any) -> None:
-    """List what the nodes hold (studies, series, instances)."""
+    """List what the nodes hold, one instance per line.
+
+    Columns (tab-separated): node, Study Instance UID, Series Instance UID, SOP Instance UID,
+    size in bytes; non-DICOM objects show `other`, their SHA-256 and original name instead.
+    Exits 1 if a node could not be asked.
+    """
     _, addrs, creds = _resolve(**node_opts)
     res = asyncio.run(lib.list_nodes(addrs, creds, study=study, series=series))
     if as_json:
@@ -220,7 +237,7 @@ def ls_cmd(study: str | None, series: str | None, as_json: bool, **node_opts: An
     bad = False
     for node, rows in res.items():
         if isinstance(rows, str):
-            click.echo(f"{node}: error: {rows}", err=True)
+            click.echo(f"transfer: error: {rows}", err=True)
             bad = True
             continue
         if as_json:
@@ -323,11 +340,25 @@ cli.add_command(pki_group, name="pki")
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--slices", type=int, default=360, show_default=True)
-@click.option("--rows", type=int, default=640, show_default=True)
-@click.option("--cols", type=int, default=640, show_default=True)
-@click.option("--kind", type=click.Choice(["raw", "compressed"]), default="raw", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--slices", type=int, default=360, show_default=True, help="Number of slices.")
+@click.option("--rows", type=int, default=640, show_default=True, help="Rows per slice (16-4096).")
+@click.option(
+    "--cols", type=int, default=640, show_default=True, help="Columns per slice (16-4096)."
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["raw", "compressed"]),
+    default="raw",
+    show_default=True,
+    help="raw = Explicit VR Little Endian (~820 KB per 640x640 slice); compressed = RLE Lossless.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Same seed, same UIDs and pixels (deterministic).",
+)
 @_errors
 def synth(out: str, slices: int, rows: int, cols: int, kind: str, seed: int) -> None:
     """Generate a synthetic CT series (the paper's 360 slices of 640x640, 16-bit)."""
@@ -335,7 +366,12 @@ def synth(out: str, slices: int, rows: int, cols: int, kind: str, seed: int) -> 
         from transfer.synth import generate_series  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise TransferError("transfer.synth is not available in this installation") from None
-    paths = generate_series(Path(out), slices=slices, rows=rows, cols=cols, kind=kind, seed=seed)
+    try:
+        paths = generate_series(
+            Path(out), slices=slices, rows=rows, cols=cols, kind=kind, seed=seed
+        )
+    except ValueError as exc:  # transfer.synth.SynthError: bad arguments
+        raise TransferError(str(exc)) from None
     total = sum(p.stat().st_size for p in paths)
     click.echo(f"wrote {len(paths)} files ({total / 1e6:.1f} MB) into {out}")
 

@@ -938,6 +938,8 @@ def upload_dir(
     t0 = time.monotonic()
     sc = scan(directory, allow_other=allow_other)
     scan_seconds = time.monotonic() - t0
+    if not sc.files and not sc.rejected and not sc.duplicates:
+        raise ValidationError(f"{directory}: no files to upload (hidden files are skipped)")
     prog = Progress(len(sc.files), sum(f.size for f in sc.files), progress_stream, show_progress)
     rejected = sc.rejected + [
         (n, f"duplicate SOP Instance UID (same as {o})") for n, o in sc.duplicates

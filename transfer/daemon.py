@@ -78,7 +78,9 @@ def server_ssl_context(cfg: DaemonConfig) -> ssl.SSLContext:
         ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"cannot load TLS certificate {cfg.tls_cert} / key {cfg.tls_key}: {exc}"
+            f"cannot load TLS certificate {cfg.tls_cert} / key {cfg.tls_key}: "
+            f"{getattr(exc, 'strerror', None) or exc} (make them with `transfer pki issue`; "
+            "--insecure-plaintext only for benchmarks)"
         ) from None
     if cfg.client_ca:
         try:
@@ -271,14 +273,19 @@ class NodeServer:
         loop = asyncio.get_running_loop()
         # Import pydicom now (hundreds of ms), not while the first upload waits for its ack.
         await self._run(importlib.import_module, "pydicom.filereader")
-        srv = await loop.create_server(
-            lambda: _Pipe(self),
-            cfg.bind,
-            cfg.port,
-            ssl=self.ssl,
-            ssl_handshake_timeout=cfg.idle_timeout if self.ssl else None,
-            backlog=min(cfg.max_connections, 1024),
-        )
+        try:
+            srv = await loop.create_server(
+                lambda: _Pipe(self),
+                cfg.bind,
+                cfg.port,
+                ssl=self.ssl,
+                ssl_handshake_timeout=cfg.idle_timeout if self.ssl else None,
+                backlog=min(cfg.max_connections, 1024),
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror or exc}"
+            ) from None
         self._servers.append(srv)
         self.port = srv.sockets[0].getsockname()[1]
         log.info(
@@ -292,7 +299,12 @@ class NodeServer:
         if self.store.removed_temps:
             log.warning("removed %d temp files left by an earlier crash", self.store.removed_temps)
         if cfg.erl3d_port:
-            esrv = await asyncio.start_server(self._erl3d, cfg.bind, cfg.erl3d_port)
+            try:
+                esrv = await asyncio.start_server(self._erl3d, cfg.bind, cfg.erl3d_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {cfg.bind}:{cfg.erl3d_port} (erl3d): {exc.strerror or exc}"
+                ) from None
             self._servers.append(esrv)
             self.erl3d_port = esrv.sockets[0].getsockname()[1]
             log.warning(

@@ -13,10 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from transfer_helpers import make_series
 
+from transfer import cli as transfer_cli
 from transfer.config import load_daemon_config, parse_node
+from transfer.daemon import cli as transferd_cli
 from transfer.errors import ConfigError
 
 BIN = Path(sys.executable).parent
@@ -222,3 +225,77 @@ def test_config_precedence(tmp_path: Path) -> None:
     assert parse_node("[::1]:9").host == "::1"
     with pytest.raises(ConfigError):
         parse_node("host:99999")
+
+
+BAD_INPUT = [
+    (["upload", "{empty}", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "no files to upload"),
+    (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--insecure-plaintext", "--connections", "0"], "--connections"),
+    (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--insecure-plaintext", "--retries", "-1"], "--retries"),
+    (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--insecure-plaintext", "--replicas", "2"], "--replicas"),
+    (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--insecure-plaintext", "--json-report", "/nonexistent/r.json"], "/nonexistent"),
+    (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--ca-file", "/nonexistent.crt", "--token-file", "/x"], "cannot load TLS files"),
+    (["upload", "{dicom}", "--config", "{garbage}"], "config file"),
+    (["upload", "{nowhere}", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "does not exist"),
+    (["ls", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "cannot connect"),
+    (["get", "{tmp}/out", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "give --study"),
+    (["get", "{tmp}/out", "--study", "1.2", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "cannot connect"),
+    (["stat", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "SOP Instance UID"),
+    (["pki", "issue", "{empty}", "--name", "n"], "no CA"),
+    (["pki", "issue", "{empty}", "--name", "../n"], "bad certificate name"),
+    (["synth", "{tmp}/synth", "--slices", "0"], "slices"),
+]
+BAD_DAEMON = [
+    (["--storage-root", "{tmp}/r", "--port", "0", "--tls-cert", "/nonexistent.crt"], "cannot load TLS certificate"),
+    (["--storage-root", "{tmp}/r", "--insecure-plaintext", "--port", "99999"], "port"),
+    (["--storage-root", "{tmp}/r", "--insecure-plaintext", "--idle-timeout", "-1"], "idle_timeout"),
+    (["--storage-root", "{tmp}/r", "--insecure-plaintext", "--bind", "name.invalid", "--port", "0"], "cannot listen on name.invalid"),
+    (["--storage-root", "{tmp}/r", "--port", "0", "--tls-cert", "{pki}/node-01.crt", "--tls-key", "{pki}/node-01.key", "--token-file", "/nonexistent"], "token file"),
+    (["--config", "{garbage}"], "config file"),
+    (["--storage-root", "/proc/medstream", "--insecure-plaintext", "--port", "0"], "storage root"),
+]
+
+
+@pytest.mark.parametrize(("cmd", "argv", "expect"), [("transfer", a, e) for a, e in BAD_INPUT] + [("transferd", a, e) for a, e in BAD_DAEMON])
+def test_bad_input_is_one_clear_line(tmp_path: Path, pki_cli: Path, cmd: str, argv: list[str], expect: str) -> None:
+    (tmp_path / "empty").mkdir()
+    make_series(tmp_path / "dicom", 1)
+    (tmp_path / "garbage").write_text("this is = = not toml [\n")
+    subst = {"tmp": str(tmp_path), "empty": str(tmp_path / "empty"), "dicom": str(tmp_path / "dicom"),
+             "garbage": str(tmp_path / "garbage"), "nowhere": str(tmp_path / "nowhere"), "pki": str(pki_cli)}
+    r = run([*(TRANSFER if cmd == "transfer" else TRANSFERD), *(a.format(**subst) for a in argv)], timeout=60)
+    assert r.returncode in (1, 2), (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert expect in r.stderr, r.stderr
+    if r.returncode == 1:  # ours (2 is click's usage error: usage line + one error line)
+        errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() and " WARNING " not in ln]
+        assert len(errors) == 1 and errors[0].startswith(f"{cmd}: error: "), r.stderr
+
+
+def _commands(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, f"{path} {name}")
+
+
+@pytest.mark.parametrize("root", [transfer_cli.cli, transferd_cli], ids=["transfer", "transferd"])
+def test_every_command_and_option_has_help(root: click.Command) -> None:
+    for path, cmd in _commands(root, root.name or "?"):
+        assert (cmd.help or "").strip(), f"{path}: no help text"
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert (p.help or "").strip(), f"{path} {p.opts}: no help text"
+
+
+@pytest.mark.parametrize("argv", [[], ["upload"], ["ls"], ["stat"], ["get"], ["pki", "issue"], ["synth"]])
+def test_help_runs(argv: list[str]) -> None:
+    r = run([*TRANSFER, *argv, "--help"])
+    assert r.returncode == 0 and "Usage: transfer" in r.stdout and "Options:" in r.stdout
+
+
+def test_transferd_help_explains() -> None:
+    r = run([*TRANSFERD, "--help"])
+    assert r.returncode == 0
+    for word in ("--storage-root", "--tls-cert", "--client-ca", "--token-file", "--insecure-plaintext", "--erl3d-port",
+                 "--max-frame", "--max-connections", "--idle-timeout", "TRANSFERD_"):
+        assert word in r.stdout, word
