@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import random
 import socket
 import ssl
 import sys
@@ -63,6 +64,13 @@ WHOLE_FILE = 4 << 20  # files up to this size are read in one go; larger ones ar
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 120.0
 _HIGH_WATER = 4 << 20
+
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after the n-th consecutive failure: 0.2 s doubling up to 5 s, with
+    jitter (x0.5-1.0) so that a node's connections do not all come back at the same instant."""
+    return float(min(0.2 * 2.0 ** max(failures - 1, 0), 5.0) * random.uniform(0.5, 1.0))
 
 
 # ---------------------------------------------------------------------------- TLS and auth
@@ -351,6 +359,7 @@ class NodeStats:
     stored: int = 0
     already: int = 0  # skipped by the resume check or acked "exists"
     failed: int = 0
+    reconnects: int = 0  # connections lost or refused, retried after a backoff
     bytes: int = 0  # payload bytes acknowledged as stored by this node
     wire_bytes: int = 0  # bytes on the wire (after compression)
     started: float = 0.0
@@ -369,6 +378,7 @@ class NodeStats:
             "already": self.already,
             "failed": self.failed,
             "assigned": self.assigned,
+            "reconnects": self.reconnects,
             "bytes": self.bytes,
             "wire_bytes": self.wire_bytes,
             "seconds": round(secs, 4),
@@ -551,7 +561,7 @@ class _Uploader:
                 self.last_error = str(exc)
                 if attempt >= self.retries:
                     return  # the workers will retry and report
-                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+                await asyncio.sleep(backoff(attempt + 1))
         self.queue = deque()
         for lf, has in zip(items, present, strict=True):
             if has:
@@ -566,6 +576,7 @@ class _Uploader:
         failures = 0
         while self.queue:
             inflight: deque[LocalFile] = deque()
+            done_before = self.outstanding
             try:
                 await self._session(inflight)
                 failures = 0
@@ -578,7 +589,10 @@ class _Uploader:
                 return
             except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                failures += 1
+                # Count consecutive failures only: a session that got files acknowledged
+                # before it dropped starts the backoff afresh.
+                failures = 1 if self.outstanding < done_before else failures + 1
+                self.stats.reconnects += 1
                 # Whatever was not acknowledged goes back to the front of the queue.
                 for lf in reversed(inflight):
                     n = self.attempts.get(lf.key, 0) + 1
@@ -589,7 +603,7 @@ class _Uploader:
                         self.queue.appendleft(lf)
                 if failures > self.retries:
                     return
-                await asyncio.sleep(min(0.2 * 2 ** (failures - 1), 5.0))
+                await asyncio.sleep(backoff(failures))
 
     def _load(self, lf: LocalFile) -> list[bytes] | None:
         """Read (and compress) a small file whole in one worker-thread call; None if large."""
@@ -810,7 +824,7 @@ async def _erl3d_upload(
                     stats.failed += 1
                     failed.append({"name": lf.name, "node": addr.label, "reason": f"erl3d: {exc}"})
                     break
-                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+                await asyncio.sleep(backoff(attempt + 1))
         progress.files += 1
         progress.bytes += lf.size
         progress.render()

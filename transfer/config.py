@@ -20,6 +20,7 @@ class DaemonConfig:
     bind: str = "0.0.0.0"
     port: int = 7370
     erl3d_port: int = 0
+    erl3d_allow_other: bool = False
     storage_root: str = "/srv/medstream"
     tls_cert: str = "/etc/medstream/tls/node.crt"
     tls_key: str = "/etc/medstream/tls/node.key"

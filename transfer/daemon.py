@@ -254,6 +254,7 @@ class NodeServer:
                 self.token = read_token(cfg.token_file)
         self.active = 0
         self.served = 0
+        self.peak_active = 0  # most connections open at once (tests, diagnostics)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="transferd-io")
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -348,6 +349,7 @@ class NodeServer:
             return
         self.active += 1
         self.served += 1
+        self.peak_active = max(self.peak_active, self.active)
         answers: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue(ANSWER_QUEUE)
         answerer = asyncio.create_task(self._answer_loop(answers, pipe))
         sink: _FileSink | None = None
@@ -598,7 +600,14 @@ class NodeServer:
             try:
                 req = erl3d.decode_request(payload, max_size=self.cfg.max_frame)
                 name = safe_name(req.filename)
-                res = await self._run(functools.partial(self.store.put_bytes, req.data, name=name))
+                res = await self._run(
+                    functools.partial(
+                        self.store.put_bytes,
+                        req.data,
+                        name=name,
+                        kind=None if self.cfg.erl3d_allow_other else "dicom",
+                    )
+                )
                 log.info("erl3d %s: %s %s -> %s", peer, res.status, req.filename, res.path)
                 writer.write(erl3d.encode_reply(req.filename_term))
             except (ProtocolError, ValidationError, ConflictError) as exc:
@@ -842,6 +851,12 @@ _FLAG_HELP = "flag > TRANSFERD_* environment > --config file > default"
 )
 @click.option(
     "--storage-root", help="Where objects and the SQLite index live (default /srv/medstream)."
+)
+@click.option(
+    "--erl3d-allow-other",
+    is_flag=True,
+    default=None,
+    help="On the erl3d port, also keep non-DICOM payloads (by content hash); refused by default.",
 )
 @click.option("--tls-cert", help="PEM certificate of this node.")
 @click.option("--tls-key", help="PEM private key of this node.")

@@ -6,7 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import pty
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -299,3 +302,158 @@ def test_transferd_help_explains() -> None:
     for word in ("--storage-root", "--tls-cert", "--client-ca", "--token-file", "--insecure-plaintext", "--erl3d-port",
                  "--max-frame", "--max-connections", "--idle-timeout", "TRANSFERD_"):
         assert word in r.stdout, word
+
+
+def _run_on_tty(argv: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal (as a user at a terminal); return (rc, stderr)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return rc, out.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path) -> None:
+    make_series(tmp_path / "s", 6, rows=64, cols=64)
+    with daemon(tmp_path, ["--storage-root", str(tmp_path / "root"), "--insecure-plaintext"]) as d:
+        base = [*TRANSFER, "upload", str(tmp_path / "s"), "--nodes", f"127.0.0.1:{d.port}", "--insecure-plaintext", "--no-resume"]
+        rc, err = _run_on_tty(base)
+        assert rc == 0, err
+        assert "6/6 files" in err and "MB/s" in err and "\r[" in err  # the bar, redrawn in place
+        rc, err = _run_on_tty([*base, "--no-progress"])
+        assert rc == 0 and "MB/s" not in err and "files" not in err, err
+        r = run(base)  # stderr is a pipe: no bar unless asked for
+        assert r.returncode == 0 and "MB/s" not in r.stderr, r.stderr
+
+
+def test_node_killed_and_restarted_during_one_upload_run_completes_by_retrying(tmp_path: Path) -> None:
+    n = 120
+    make_series(tmp_path / "series", n, rows=384, cols=384, seed=12)  # ~35 MB
+    root = tmp_path / "root"
+    args = ["--storage-root", str(root), "--insecure-plaintext"]
+    d = Daemon(tmp_path, args)
+    report = tmp_path / "r.json"
+    up = subprocess.Popen(
+        [*TRANSFER, "upload", str(tmp_path / "series"), "--nodes", f"127.0.0.1:{d.port}",
+         "--insecure-plaintext", "--retries", "10", "--json-report", str(report)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    d2 = None
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(root.rglob("*.dcm"))) < 3:
+            assert time.monotonic() < deadline and up.poll() is None, "upload never started"
+            time.sleep(0.005)
+        d.stop(signal.SIGKILL)  # by PID, mid-upload
+        assert len(list(root.rglob("*.dcm"))) < n, "upload finished before the kill"
+        d2 = Daemon(tmp_path, args, port=d.port)  # back on the same port while the uploader backs off
+        out, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if d2 is not None:
+            d2.stop()
+    assert up.returncode == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["ok"] and rep["failed"] == []
+    assert rep["nodes"][0]["reconnects"] >= 1  # it did lose the node and came back
+    assert rep["total"]["files"] + rep["total"]["already"] == n
+    stored = sorted(root.rglob("*.dcm"))
+    src = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "series").iterdir()}
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in stored} == src
+    assert len(stored) == n and not list(root.rglob(".tmp-*"))
+
+
+def test_retrieval_by_study_series_instance_and_all(tmp_path: Path) -> None:
+    a = make_series(tmp_path / "study" / "a", 5, seed=21)
+    b = make_series(tmp_path / "study" / "b", 4, seed=22)
+    # Same study for both series: rewrite b's Study Instance UID to a's.
+    import pydicom
+
+    study = str(pydicom.dcmread(a[0], stop_before_pixels=True).StudyInstanceUID)
+    for p in b:
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID = study
+        ds.save_as(p)
+    (tmp_path / "study" / "notes.txt").write_text("free text report\n")
+    series_b = str(pydicom.dcmread(b[0], stop_before_pixels=True).SeriesInstanceUID)
+    sop_a0 = str(pydicom.dcmread(a[0], stop_before_pixels=True).SOPInstanceUID)
+    digest = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in [*a, *b]}
+    args = ["--insecure-plaintext"]
+    with (
+        daemon(tmp_path, ["--storage-root", str(tmp_path / "r1"), *args]) as d1,
+        daemon(tmp_path, ["--storage-root", str(tmp_path / "r2"), *args]) as d2,
+    ):
+        nodes = ["--nodes", f"127.0.0.1:{d1.port},127.0.0.1:{d2.port}", *args]
+        r = run([*TRANSFER, "upload", str(tmp_path / "study"), *nodes])
+        assert r.returncode == 1 and "notes.txt" in r.stderr  # not DICOM, not asked for
+        r = run([*TRANSFER, "upload", str(tmp_path / "study"), "--allow-other", *nodes])
+        assert r.returncode == 0, r.stderr
+        r = run([*TRANSFER, "ls", "--series", series_b, *nodes])
+        lines = r.stdout.strip().splitlines()
+        assert r.returncode == 0 and len(lines) == 4 and all(series_b in ln for ln in lines)
+        r = run([*TRANSFER, "ls", "--study", study, *nodes])
+        assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 9
+        r = run([*TRANSFER, "ls", "--json", *nodes])
+        rows = [row for v in json.loads(r.stdout).values() for row in v]
+        assert sorted(row["kind"] for row in rows).count("other") == 1 and len(rows) == 10
+
+        def fetched(out: Path) -> dict[str, Path]:
+            return {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in out.rglob("*") if p.is_file()}
+
+        r = run([*TRANSFER, "get", str(tmp_path / "g1"), "--series", series_b, *nodes])
+        assert r.returncode == 0, r.stderr
+        got = fetched(tmp_path / "g1")
+        assert set(got) == {h for h, p in digest.items() if p in b}
+        for p in got.values():  # <study>/<series>/<sop>.dcm
+            assert p.relative_to(tmp_path / "g1").parts[:2] == (study, series_b)
+        r = run([*TRANSFER, "get", str(tmp_path / "g2"), "--sop", sop_a0, *nodes])
+        assert r.returncode == 0 and list(fetched(tmp_path / "g2")) == [hashlib.sha256(a[0].read_bytes()).hexdigest()]
+        assert (tmp_path / "g2" / study).is_dir()
+        r = run([*TRANSFER, "get", str(tmp_path / "g3"), "--study", study, *nodes])
+        assert r.returncode == 0 and set(fetched(tmp_path / "g3")) == set(digest)
+        r = run([*TRANSFER, "get", str(tmp_path / "g4"), "--all", *nodes])
+        assert r.returncode == 0
+        assert set(fetched(tmp_path / "g4")) == set(digest) | {hashlib.sha256(b"free text report\n").hexdigest()}
+
+
+def test_erl3d_through_the_console_scripts(tmp_path: Path) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    erl_port = s.getsockname()[1]
+    s.close()
+    files = make_series(tmp_path / "s", 5, seed=31)
+    with daemon(tmp_path, ["--storage-root", str(tmp_path / "root"), "--insecure-plaintext", "--erl3d-port", str(erl_port)]) as d:
+        assert json.loads(d.ready.read_text())["erl3d_port"] == erl_port
+        r = run([*TRANSFER, "upload", str(tmp_path / "s"), "--protocol", "erl3d", "--nodes", f"127.0.0.1:{erl_port}",
+                 "--json-report", str(tmp_path / "r.json")])
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "r.json").read_text())["total"]["files"] == 5
+        r = run([*TRANSFER, "get", str(tmp_path / "out"), "--all", "--nodes", f"127.0.0.1:{d.port}", "--insecure-plaintext"])
+        assert r.returncode == 0, r.stderr
+        got = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "out").rglob("*.dcm"))
+        assert got == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)
+    assert "erl3d compatibility port" in d.log.read_text()

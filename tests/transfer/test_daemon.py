@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from transfer_helpers import copy_testfile, make_series, node_config, testdata
+from transfer_helpers import copy_testfile, make_series, node_config, pydicom_sample
 
 from transfer.client import (
     Credentials,
@@ -99,7 +99,7 @@ def test_pydicom_samples_round_trip_byte_identical(
         out = tmp_path / "out"
         got = asyncio.run(fetch(nodes, creds, out))
         assert len(got) == len(SAMPLES)
-        originals = {hashlib.sha256(testdata(n).read_bytes()).hexdigest() for n in SAMPLES}
+        originals = {hashlib.sha256(pydicom_sample(n).read_bytes()).hexdigest() for n in SAMPLES}
         assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in got} == originals
         # Resume: a re-run sends nothing.
         again = upload_dir(src, nodes, creds, replicas=2).as_dict()
@@ -122,6 +122,9 @@ def test_placement_spreads_and_zstd(tmp_path: Path, pki_dir: Path, creds: Creden
         counts = [n["files"] for n in d["nodes"]]
         assert sum(counts) == 40 and min(counts) >= 10  # rendezvous hashing spreads
         assert all(n["wire_bytes"] < n["bytes"] for n in d["nodes"])  # 12-bit noise compresses
+        for srv in (a, b):  # several connections per node: 3 upload sessions + 1 resume check
+            assert srv.server is not None and srv.server.served == 4
+            assert srv.server.peak_active >= 2
         stored = {**files_under(tmp_path / "n1"), **files_under(tmp_path / "n2")}
         assert sorted(hashlib.sha256(v).hexdigest() for v in stored.values()) == sorted(
             hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s").iterdir()
@@ -151,6 +154,11 @@ def test_wrong_token_wrong_ca_and_plaintext_are_refused(
     make_series(tmp_path / "s", 2)
     d = upload_dir(tmp_path / "s", [addr], bad).as_dict()
     assert not d["ok"] and all("wrong token" in f["reason"] for f in d["failed"])
+    # Refused clients do not disturb the node: the right token still works.
+    good = Credentials(
+        client_ssl_context(str(pki_dir / "ca.crt")), (pki_dir / "token").read_text().strip()
+    )
+    assert upload_dir(tmp_path / "s", [addr], good).ok
 
 
 def test_mutual_tls(tmp_path: Path, pki_dir: Path) -> None:
@@ -294,7 +302,7 @@ def test_bad_names_and_uids_in_headers_are_refused_per_file(
         r.send(sop_header(i, b"data", name=name))
         r.send(Data(b"data"))
         r.send(EndOfBody())
-    ct = testdata("CT_small.dcm").read_bytes()
+    ct = pydicom_sample("CT_small.dcm").read_bytes()
     # A DICOM file whose header claims UIDs the file does not have.
     r.send(sop_header(9, ct, kind="dicom", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4"))
     r.send(Data(ct))
@@ -438,8 +446,8 @@ def test_index_disk_full_gets_an_error_ack_not_a_hang(tmp_path: Path) -> None:
             fill(idx)
             r = Raw(srv.port)  # the socket times out after 15 s: a hang fails the test
             assert isinstance(r.hello(), Welcome)
-            ct = testdata("CT_small.dcm").read_bytes()
-            info = inspect_path(testdata("CT_small.dcm"))
+            ct = pydicom_sample("CT_small.dcm").read_bytes()
+            info = inspect_path(pydicom_sample("CT_small.dcm"))
             for i in range(2):  # the connection keeps working after the first refusal
                 r.send(
                     sop_header(
@@ -484,3 +492,21 @@ def test_get_of_a_file_missing_on_disk_is_a_clear_error_and_the_session_goes_on(
     assert size == stored[1].stat().st_size
     assert (tmp_path / "o" / "b.dcm").read_bytes() == stored[1].read_bytes()
     assert not (tmp_path / "o" / "a.dcm").exists()
+
+
+def test_idle_connections_do_not_block_other_clients(
+    tmp_path: Path, creds: Credentials, node: tuple[ServerThread, NodeAddr]
+) -> None:
+    srv, addr = node
+    idle = [socket.create_connection(("127.0.0.1", addr.port), timeout=10) for _ in range(30)]
+    half = socket.create_connection(("127.0.0.1", addr.port), timeout=10)
+    half.sendall(b"\x16\x03\x01")  # the start of a TLS ClientHello, then silence
+    try:
+        make_series(tmp_path / "s", 6)
+        rep = upload_dir(tmp_path / "s", [addr], creds)  # while all of them sit there
+        assert rep.ok and rep.as_dict()["total"]["files"] == 6
+        got = asyncio.run(fetch([addr], creds, tmp_path / "out"))
+        assert len(got) == 6
+    finally:
+        for s in [*idle, half]:
+            s.close()

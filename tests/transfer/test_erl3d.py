@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transfer_helpers import make_series, node_config, testdata
+from transfer_helpers import make_series, node_config, pydicom_sample
 
 from transfer import erl3d
 from transfer.client import Credentials, scan, upload_files
@@ -117,7 +117,7 @@ def test_daemon_erl3d_port_stores_and_refuses_escapes(
     erl_node: ServerThread, tmp_path: Path
 ) -> None:
     root = Path(erl_node.cfg.storage_root).resolve()
-    data = testdata("CT_small.dcm").read_bytes()
+    data = pydicom_sample("CT_small.dcm").read_bytes()
     assert _erl_call(erl_node.erl3d_port, erl3d.encode_request("CT_small.dcm", data)) == (
         True,
         "CT_small.dcm",
@@ -134,10 +134,10 @@ def test_daemon_erl3d_port_stores_and_refuses_escapes(
         ok, reason = _erl_call(erl_node.erl3d_port, erl3d.encode_request(evil, b"payload"))
         assert not ok and "refused name" in reason, (evil, reason)
     assert not (tmp_path / "escaped.dcm").exists()
-    # Non-DICOM payloads are kept by content hash, never under the client's name.
-    assert _erl_call(erl_node.erl3d_port, erl3d.encode_request("notes.txt", b"hello"))[0]
-    sha = hashlib.sha256(b"hello").hexdigest()
-    assert (root / "objects" / sha[:2] / sha).read_bytes() == b"hello"
+    # Non-DICOM payloads: the 2013 client cannot say "this is not DICOM", so they are refused.
+    ok, reason = _erl_call(erl_node.erl3d_port, erl3d.encode_request("notes.txt", b"hello"))
+    assert not ok and "not a valid DICOM file" in reason
+    assert not (root / "objects").exists()
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.resolve().parents]
     assert outside == []
     # Garbage and oversize frames get an error and the port keeps serving.
@@ -167,3 +167,21 @@ def test_uploader_speaks_erl3d(erl_node: ServerThread, tmp_path: Path) -> None:
     assert rep.ok, rep.failed
     assert rep.as_dict()["total"]["files"] == 6
     assert erl_node.server is not None and erl_node.server.store.summary()["instances"] == 6
+
+
+def test_erl3d_allow_other_keeps_non_dicom_by_content_hash(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path / "root", None, erl3d_allow_other=True)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    cfg.erl3d_port = s.getsockname()[1]
+    s.close()
+    with ServerThread(cfg) as srv:
+        root = Path(cfg.storage_root).resolve()
+        assert _erl_call(srv.erl3d_port, erl3d.encode_request("dir/notes.txt", b"hello")) == (
+            True,
+            "dir/notes.txt",
+        )
+        sha = hashlib.sha256(b"hello").hexdigest()
+        # Kept by content hash, never under the client's name.
+        assert (root / "objects" / sha[:2] / sha).read_bytes() == b"hello"
+        assert not (root / "dir").exists()

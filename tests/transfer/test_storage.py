@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from transfer_helpers import make_series, testdata
+from transfer_helpers import make_series, pydicom_sample
 
 from transfer.dicominfo import inspect_path
 from transfer.errors import ConflictError, StorageError, ValidationError
@@ -67,14 +67,14 @@ def test_safe_name_normalises() -> None:
 
 @pytest.mark.parametrize("name", GOOD)
 def test_pydicom_samples_validate(name: str) -> None:
-    info = inspect_path(testdata(name))
+    info = inspect_path(pydicom_sample(name))
     assert info.sop_uid and info.study_uid and info.series_uid
 
 
 @pytest.mark.parametrize(("name", "match"), sorted(BROKEN.items()))
 def test_broken_files_are_refused_with_a_reason(name: str, match: str) -> None:
     with pytest.raises(ValidationError, match=match) as ei:
-        inspect_path(testdata(name))
+        inspect_path(pydicom_sample(name))
     assert "\n" not in str(ei.value)
 
 
@@ -106,7 +106,7 @@ def visible_files(root: Path) -> list[str]:
 
 def test_commit_layout_index_exists_and_conflict(tmp_path: Path) -> None:
     store = Store(tmp_path / "root")
-    src = testdata("CT_small.dcm")
+    src = pydicom_sample("CT_small.dcm")
     info = inspect_path(src)
     assert _put(store, src) == "stored"
     rel = f"{info.study_uid}/{info.series_uid}/{info.sop_uid}.dcm"
@@ -136,7 +136,7 @@ def test_commit_layout_index_exists_and_conflict(tmp_path: Path) -> None:
 
 def test_digest_size_and_uid_mismatches_leave_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "root")
-    src = testdata("MR_small.dcm")
+    src = pydicom_sample("MR_small.dcm")
     data = src.read_bytes()
     info = inspect_path(src)
     up = store.begin(

@@ -13,7 +13,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from transfer.config import DaemonConfig
 
 
-def testdata(name: str) -> Path:
+def pydicom_sample(name: str) -> Path:
     """A sample file shipped inside pydicom, by explicit name (never the pattern form, never a
     download: both would try the network, which hangs offline)."""
     found = get_testdata_file(name, download=False)
@@ -91,4 +91,4 @@ def node_config(root: Path, pki_dir: Path | None, **kw: object) -> DaemonConfig:
 
 def copy_testfile(name: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy(testdata(name), dest / name))
+    return Path(shutil.copy(pydicom_sample(name), dest / name))
