@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "Wheelhouse",
     "build_wheelhouse",
     "default_state_dir",
+    "find_ansible_playbook",
     "parse_recap",
     "repo_root",
     "run_site",
@@ -317,13 +318,17 @@ def run_site(inventory: Path, *, ssh_config: Path | None = None, private_key: Pa
              progress: Progress | None = None, state_dir: Path | None = None,
              vault_password_file: Path | None = None, limit: str | None = None,
              playbook: Path | None = None, wheelhouse: Wheelhouse | None = None,
+             vars_files: Sequence[Path] = (), ansible_playbook_path: Path | None = None,
              timeout: float = 1800.0) -> DeployResult:
     """Deploy the cloud: ``ansible-playbook playbooks/site.yml -i inventory``.
 
     ``ssh_config`` is passed to ssh as ``-F`` (lab hosts); ``private_key`` as Ansible's
-    ``--private-key``. ``extra_vars`` go through a 0600 JSON file (never argv). The token, PKI and
-    wheelhouse live in ``state_dir`` (default :func:`default_state_dir`). Raises
-    :class:`DeployError` naming the first failed host and task.
+    ``--private-key``. ``extra_vars`` go through a 0600 JSON file (never argv); ``vars_files`` are
+    passed as ``-e @FILE`` after them (e.g. an Ansible Vault file holding ``medstream_token``,
+    opened with ``vault_password_file``). The token, PKI and wheelhouse live in ``state_dir``
+    (default :func:`default_state_dir`). ``ansible_playbook_path`` overrides
+    :func:`find_ansible_playbook`. Raises :class:`DeployError` naming the first failed (or
+    unreachable) host and task.
     """
     say = progress or (lambda _m: None)
     t0 = time.monotonic()
@@ -332,17 +337,14 @@ def run_site(inventory: Path, *, ssh_config: Path | None = None, private_key: Pa
     if not inventory.exists():
         raise DeployError(f"inventory {inventory} does not exist",
                           hint="run `xenctl inventory --write` (or `xenctl up`) first")
+    for vf in vars_files:
+        if not Path(vf).is_file():
+            raise DeployError(f"variables file {vf} does not exist")
+    ansible_playbook = find_ansible_playbook(ansible_playbook_path)  # before any slow work
     state = (state_dir or default_state_dir()).resolve()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     wh = wheelhouse or build_wheelhouse(state / "wheelhouse", progress=say)
     say(f"deploy: wheelhouse {wh.path} ({'built' if wh.built else 'reused'})")
-    ansible_playbook = Path(sys.executable).with_name("ansible-playbook")
-    if not ansible_playbook.exists():
-        found = shutil.which("ansible-playbook")
-        if not found:
-            raise DeployError("ansible-playbook not found",
-                              hint="install the deploy extra: pip install 'medstream[deploy]'")
-        ansible_playbook = Path(found)
     variables: dict[str, Any] = {
         "medstream_state_dir": str(state),
         "medstream_wheelhouse": str(wh.path),
@@ -368,6 +370,8 @@ def run_site(inventory: Path, *, ssh_config: Path | None = None, private_key: Pa
             json.dump(variables, f)
         cmd = [str(ansible_playbook), str(playbook or root / "playbooks" / "site.yml"),
                "-i", str(inventory), "-e", f"@{vars_file}"]
+        for vf in vars_files:
+            cmd += ["-e", f"@{Path(vf).resolve()}"]
         if private_key:
             cmd += ["--private-key", str(Path(private_key).resolve())]
         if vault_password_file:
@@ -378,6 +382,30 @@ def run_site(inventory: Path, *, ssh_config: Path | None = None, private_key: Pa
     finally:
         os.unlink(vars_file)
     return _result(run, t0=t0, wheelhouse=wh.path, log_path=log_path)
+
+
+def find_ansible_playbook(explicit: Path | None = None) -> Path:
+    """The ``ansible-playbook`` to run.
+
+    ``explicit``, else ``$MEDSTREAM_ANSIBLE_PLAYBOOK``, else the one next to this Python (the
+    venv's), else the first on ``PATH``. Raises :class:`DeployError` when none is executable.
+    """
+    hint = ("install ansible-core on the controller: pip install 'medstream[deploy]' "
+            "(or set MEDSTREAM_ANSIBLE_PLAYBOOK to its path)")
+    chosen = explicit or os.environ.get("MEDSTREAM_ANSIBLE_PLAYBOOK")
+    if chosen:
+        path = Path(chosen)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise DeployError(f"ansible-playbook not found at {path}", hint=hint)
+        return path
+    sibling = Path(sys.executable).with_name("ansible-playbook")
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return sibling
+    found = shutil.which("ansible-playbook")
+    if not found:
+        raise DeployError(f"ansible-playbook not found (not next to {sys.executable}, "
+                          "not on PATH)", hint=hint)
+    return Path(found)
 
 
 @dataclass
@@ -424,7 +452,8 @@ def _stream(cmd: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path
                     task, started = m.group("name"), now
                     say(f"deploy: {task}")
                 elif m := _FAIL_RE.match(line):
-                    say(f"deploy: FAILED {m.group('host')}: {_failure_message(m.group('rest'))}")
+                    what = "UNREACHABLE" if m.group("kind") == "UNREACHABLE" else "FAILED"
+                    say(f"deploy: {what} {m.group('host')}: {_failure_message(m.group('rest'))}")
         rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except BaseException:
         proc.kill()
@@ -443,11 +472,17 @@ def _result(run: _Run, *, t0: float, wheelhouse: Path, log_path: Path) -> Deploy
     bad = [h for h, r in recap.items() if r.failed or r.unreachable]
     if rc == 0 and not bad:
         return res
-    host, task, msg = _first_failure(lines)
-    where = f" on {host}" if host else ""
+    host, task, msg, unreachable = _first_failure(lines)
     at = f" at task {task!r}" if task else ""
     others = [h for h in bad if h != host]
     more = f" (also failed: {', '.join(others)})" if others else ""
+    if unreachable:
+        raise DeployError(
+            f"host {host} is unreachable over SSH{at}: {msg or f'exit {rc}'}{more}",
+            hint=(f"check its ansible_host, ansible_port, ansible_user and key in the inventory "
+                  f"and that sshd runs there; full log: {log_path}"),
+            host=host, task=task, failed_hosts=bad or [host])
+    where = f" on {host}" if host else ""
     raise DeployError(
         f"ansible-playbook failed{where}{at}: {msg or f'exit {rc}'}{more}",
         hint=f"full log: {log_path}; fix the cause and run again (the play is idempotent)",
@@ -461,17 +496,19 @@ def _recap_start(lines: list[str]) -> int:
     return len(lines)
 
 
-def _first_failure(lines: list[str]) -> tuple[str, str, str]:
+def _first_failure(lines: list[str]) -> tuple[str, str, str, bool]:
+    """(host, task, message, unreachable) of the first failure in ansible's output."""
     task = ""
     for line in lines:
         if m := _TASK_RE.match(line):
             task = m.group("name")
         elif (m := _FAIL_RE.match(line)) and "...ignoring" not in line:
-            return m.group("host"), task, _failure_message(m.group("rest"))
+            return (m.group("host"), task, _failure_message(m.group("rest")),
+                    m.group("kind") == "UNREACHABLE")
     for line in reversed(lines):  # e.g. a syntax error: ansible prints ERROR! and stops
         if line.startswith(("ERROR!", "[ERROR]")):
-            return "", "", line.strip()[:300]
-    return "", "", ""
+            return "", "", line.strip()[:300], False
+    return "", "", "", False
 
 
 # --------------------------------------------------------------------------- CLI
@@ -491,8 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ssh-config", type=Path, default=None)
     s.add_argument("--private-key", type=Path, default=None)
     s.add_argument("--state-dir", type=Path, default=None)
-    s.add_argument("--vault-password-file", type=Path, default=None)
-    s.add_argument("--limit", default=None)
+    s.add_argument("--vault-password-file", type=Path, default=None,
+                   help="opens Vault-encrypted values (e.g. medstream_token)")
+    s.add_argument("-e", "--vars-file", type=Path, action="append", default=[],
+                   help="a YAML/JSON variables file (may be Vault-encrypted); repeatable")
+    s.add_argument("--limit", default=None, help="only these hosts (the controller play always runs)")
     args = ap.parse_args(argv)
 
     def say(msg: str) -> None:
@@ -508,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         res = run_site(args.inventory, ssh_config=args.ssh_config, private_key=args.private_key,
                        state_dir=args.state_dir, vault_password_file=args.vault_password_file,
-                       limit=args.limit, progress=say)
+                       limit=args.limit, vars_files=args.vars_file, progress=say)
         print(res.summary)
         return 2 if res.changed else 0
     except XenctlError as exc:

@@ -24,7 +24,10 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     state = tmp_path_factory.mktemp("deploy-state")
     with Lab.create() as lab:
         ws, *nodes = lab.add_hosts(["workstation", *[f"node-{i:02d}" for i in range(1, N_NODES + 1)]])
-        inv = write_inventory(lab_inventory(lab, ws, nodes), state / "hosts.yml")
+        # the last node runs the pidfile supervisor's setpriv variant (the RedHat family's;
+        # Debian's start-stop-daemon on the others): both supervisors deployed and restarted
+        setpriv = {nodes[-1].name: {"transfer_node_supervisor": "setpriv"}}
+        inv = write_inventory(lab_inventory(lab, ws, nodes, setpriv), state / "hosts.yml")
         # one wheelhouse for every run of the module: the checkout may change meanwhile
         wh = build_wheelhouse(state / "wheelhouse")
         progress: list[str] = []

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,13 @@ LAB_VARS: dict[str, Any] = {
 }
 
 
-def lab_inventory(lab: Any, workstation: Any, nodes: Sequence[Any]) -> dict[str, Any]:
-    """The inventory xenctl would write (docs/INTERFACES.md), for hosts of a ``labnet.Lab``."""
+def lab_inventory(lab: Any, workstation: Any, nodes: Sequence[Any],
+                  host_vars: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The inventory xenctl would write (docs/INTERFACES.md), for hosts of a ``labnet.Lab``.
+
+    ``host_vars`` adds variables to single hosts (by name).
+    """
+    extra = host_vars or {}
     common = {
         "ansible_user": "root",
         "ansible_ssh_private_key_file": str(lab.private_key),
@@ -51,10 +56,11 @@ def lab_inventory(lab: Any, workstation: Any, nodes: Sequence[Any]) -> dict[str,
     }
     node_hosts = {
         h.name: {"ansible_host": str(h.ip), "medstream_node_name": h.name,
-                 "medstream_node_index": i, **common}
+                 "medstream_node_index": i, **common, **extra.get(h.name, {})}
         for i, h in enumerate(nodes, start=1)
     }
-    ws_hosts = {workstation.name: {"ansible_host": str(workstation.ip), **common}}
+    ws_hosts = {workstation.name: {"ansible_host": str(workstation.ip), **common,
+                                   **extra.get(workstation.name, {})}}
     return {"all": {"vars": dict(LAB_VARS),
                     "children": {"nodes": {"hosts": node_hosts},
                                  "workstation": {"hosts": ws_hosts}}}}

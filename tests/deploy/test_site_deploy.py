@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from labdeploy import N_NODES, Deployed
@@ -19,6 +22,20 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = "/opt/medstream/venv/bin/transfer"
+PIDFILE = "/run/medstream/transferd.pid"
+RESTART = "Restart transferd under the pidfile supervisor."
+
+
+def daemon_state(node: Any) -> tuple[int, int]:
+    """(pid from the pidfile, number of starts logged) of a node's transferd."""
+    pid = int(node.run(["cat", PIDFILE]).stdout.strip())
+    log = (node.upper("var") / "log" / "medstream" / "transferd.log").read_text()
+    return pid, log.count(" serving ")
+
+
+def node_config(node: Any) -> dict[str, Any]:
+    text = (node.upper("etc") / "medstream" / "transferd.toml").read_text()
+    return dict(tomllib.loads(text)["transferd"])
 
 
 def ssh(d: Deployed, script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -84,6 +101,63 @@ def test_second_run_changes_nothing(deployed: Deployed) -> None:
     assert len(again.recap) == N_NODES + 2
 
 
+def test_config_change_restarts_the_daemon_once(deployed: Deployed) -> None:
+    d = deployed
+    before = {n.name: daemon_state(n) for n in d.nodes}
+    progress: list[str] = []
+    changed = run_site(d.inventory, state_dir=d.state, wheelhouse=d.wheelhouse,
+                       extra_vars={"transfer_node_idle_timeout": 45.0}, progress=progress.append)
+    # per node: the configuration file and the one restart; nothing else anywhere
+    assert {h: r.changed for h, r in changed.recap.items()} == {
+        "localhost": 0, d.workstation.name: 0, **{n.name: 2 for n in d.nodes}}
+    assert len([p for p in progress if p.endswith(f" : {RESTART}")]) == 1  # one handler run
+    for n in d.nodes:
+        pid, starts = daemon_state(n)
+        assert pid != before[n.name][0], n.name
+        assert starts == before[n.name][1] + 1, n.name  # started exactly once more
+        assert node_config(n)["idle_timeout"] == 45.0
+    again = run_site(d.inventory, state_dir=d.state, wheelhouse=d.wheelhouse,
+                     extra_vars={"transfer_node_idle_timeout": 45.0})
+    assert not again.changed, {h: r.changed for h, r in again.recap.items()}
+    assert {n.name: daemon_state(n)[1] for n in d.nodes} == {
+        n.name: before[n.name][1] + 1 for n in d.nodes}
+    # back to the defaults for the tests that follow (one more restart)
+    back = run_site(d.inventory, state_dir=d.state, wheelhouse=d.wheelhouse)
+    assert all(back.recap[n.name].changed == 2 for n in d.nodes)
+    assert all(node_config(n)["idle_timeout"] == 60.0 for n in d.nodes)
+
+
+def test_token_from_ansible_vault(deployed: Deployed, tmp_path: Path) -> None:
+    d = deployed
+    password = tmp_path / "vault-password"
+    password.write_text(secrets.token_hex(16) + "\n")
+    password.chmod(0o600)
+    token = secrets.token_urlsafe(32)
+    enc = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-vault")), "encrypt_string",
+         "--vault-password-file", str(password), "--stdin-name", "medstream_token"],
+        input=token, capture_output=True, text=True, timeout=120, check=True)
+    assert token not in enc.stdout and "$ANSIBLE_VAULT" in enc.stdout
+    vault_vars = tmp_path / "vault.yml"
+    vault_vars.write_text(enc.stdout)
+    before = {n.name: daemon_state(n)[1] for n in d.nodes}
+    res = run_site(d.inventory, state_dir=d.state, wheelhouse=d.wheelhouse,
+                   vars_files=[vault_vars], vault_password_file=password)
+    assert res.changed
+    for n in d.nodes:
+        assert (n.upper("etc") / "medstream" / "token").read_text() == token + "\n"
+        assert daemon_state(n)[1] == before[n.name] + 1, n.name  # restarted once for it
+    assert (d.workstation.upper("etc") / "medstream" / "token").read_text() == token + "\n"
+    assert res.log is not None and token not in res.log.read_text()  # no_log held
+    # the client, with the new token, is accepted by every node
+    out = ssh(d, f"{CLIENT} ls --json")
+    assert out.returncode == 0, out.stderr
+    assert sorted(json.loads(out.stdout)) == sorted(n.name for n in d.nodes)
+    again = run_site(d.inventory, state_dir=d.state, wheelhouse=d.wheelhouse,
+                     vars_files=[vault_vars], vault_password_file=password)
+    assert not again.changed, {h: r.changed for h, r in again.recap.items()}
+
+
 def test_testinfra_suite_passes_on_the_same_inventory(deployed: Deployed) -> None:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
                ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
@@ -104,3 +178,24 @@ def test_failure_names_the_host_and_task(deployed: Deployed) -> None:
     assert exc.value.host == node
     assert "storage root" in exc.value.task
     assert node in str(exc.value) and "storage root" in str(exc.value)
+
+
+def test_unreachable_host_is_named(deployed: Deployed, tmp_path: Path) -> None:
+    import yaml
+
+    inv = yaml.safe_load(deployed.inventory.read_text())
+    nodes = inv["all"]["children"]["nodes"]["hosts"]
+    first = deployed.nodes[0]
+    # a node whose sshd port is closed: refused at once (lab addresses only)
+    nodes["ghost"] = {**nodes[first.name], "ansible_port": 1, "medstream_node_name": "ghost"}
+    path = tmp_path / "hosts.yml"
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    progress: list[str] = []
+    with pytest.raises(DeployError) as exc:  # a fresh state dir: the lab's PKI stays as it is
+        run_site(path, state_dir=tmp_path / "state", wheelhouse=deployed.wheelhouse,
+                 limit="ghost", progress=progress.append)
+    err = exc.value
+    assert err.host == "ghost" and err.failed_hosts == ["ghost"]
+    assert str(err).startswith("host ghost is unreachable over SSH")
+    assert "Connection refused" in str(err) and "ansible_host" in str(err)
+    assert any(p.startswith("deploy: UNREACHABLE ghost: ") for p in progress)

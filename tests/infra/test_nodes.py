@@ -11,10 +11,35 @@ testinfra_hosts = ["ansible://nodes"]
 
 USER = "medstream"
 PORT = 7370
+PIDFILE = "/run/medstream/transferd.pid"
 
 
-def test_transferd_listens(host: Any) -> None:
-    assert host.socket(f"tcp://0.0.0.0:{PORT}").is_listening
+def port_of(host: Any, inventory_runner: Any) -> int:
+    """transferd's port for this host: its inventory's transfer_node_port, else the default."""
+    hv = inventory_runner.get_variables(host.backend.host)
+    return int(hv.get("transfer_node_port", hv.get("medstream_port", PORT)))
+
+
+def test_transferd_listens(host: Any, inventory_runner: Any) -> None:
+    assert host.socket(f"tcp://0.0.0.0:{port_of(host, inventory_runner)}").is_listening
+
+
+def test_service_is_supervised(host: Any) -> None:
+    """systemd where it is PID 1 (enabled, hardened unit), else the pidfile names the daemon."""
+    if host.file("/run/systemd/system").is_directory:
+        svc = host.service("transferd")
+        assert svc.is_running and svc.is_enabled
+        props = dict(line.split("=", 1) for line in host.check_output(
+            "systemctl show transferd -p User -p NoNewPrivileges -p ProtectSystem -p Restart "
+            "-p ReadWritePaths -p UMask").splitlines() if "=" in line)
+        assert props["User"] == USER and props["NoNewPrivileges"] == "yes"
+        assert props["ProtectSystem"] in ("strict", "full") and props["Restart"] == "on-failure"
+        assert "/srv/medstream" in props.get("ReadWritePaths", "/srv/medstream")
+        assert props["UMask"] == "0027"
+    else:
+        pid = int(host.file(PIDFILE).content_string.strip())
+        proc = host.process.get(pid=pid)
+        assert proc.user == USER and "bin/transferd" in proc.args
 
 
 def test_transferd_runs_as_the_service_user(host: Any) -> None:
@@ -37,11 +62,17 @@ def test_service_user_cannot_log_in(host: Any) -> None:
     ("/etc/medstream/transferd.toml", "root", USER, 0o640),
     ("/etc/medstream/tls", "root", USER, 0o750),
     ("/srv/medstream", USER, USER, 0o750),
+    ("/var/log/medstream", USER, USER, 0o750),
 ])
 def test_file_owner_and_mode(host: Any, path: str, owner: str, group: str, mode: int) -> None:
     f = host.file(path)
     assert f.exists, path
     assert (f.user, f.group, f.mode) == (owner, group, mode)
+
+
+def test_stored_studies_are_not_world_accessible(host: Any) -> None:
+    # only the service user writes; the umask (0027) keeps studies away from other users
+    assert host.run("find /srv/medstream -perm /o=rwx -o ! -user " + USER).stdout.strip() == ""
 
 
 def test_no_ca_key_on_the_node(host: Any) -> None:
@@ -55,11 +86,11 @@ def test_storage_root_writable_only_by_the_service_user(host: Any) -> None:
     assert host.run("runuser -u nobody -- ls /srv/medstream").rc != 0
 
 
-def test_config_points_at_the_deployed_material(host: Any) -> None:
+def test_config_points_at_the_deployed_material(host: Any, inventory_runner: Any) -> None:
     import tomllib
 
     cfg = tomllib.loads(host.file("/etc/medstream/transferd.toml").content_string)["transferd"]
-    assert cfg["port"] == PORT
+    assert cfg["port"] == port_of(host, inventory_runner)
     assert cfg["storage_root"] == "/srv/medstream"
     assert cfg["insecure_plaintext"] is False
     for key in ("tls_cert", "tls_key", "token_file"):
