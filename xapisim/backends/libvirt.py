@@ -19,7 +19,7 @@ Command line (for scripts and Makefiles)::
 
     python -m xapisim.backends.libvirt daemons start|stop|status   # libvirtd/virtlogd by hand
     python -m xapisim.backends.libvirt kvm-probe                   # does KVM boot the image here?
-    python -m xapisim.backends.libvirt leftovers                   # mv-* domains/networks/pools left
+    python -m xapisim.backends.libvirt leftovers                   # ms7-* domains/networks/pools left
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ URI = "qemu:///system"
 CACHE_DIR = Path(os.environ.get("MEDSTREAM_VM_CACHE", "/var/cache/medstream/vm"))
 RUN_DIR = Path(os.environ.get("MEDSTREAM_VM_RUN", "/run/medstream-vm"))
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-PREFIX = "mv"
-POOL_NAME = "mv"
+PREFIX = "ms7"
+POOL_NAME = "ms7"
 LIBVIRT_CHAINS = {
     "filter": ["LIBVIRT_INP", "LIBVIRT_OUT", "LIBVIRT_FWO", "LIBVIRT_FWI", "LIBVIRT_FWX"],
     "nat": ["LIBVIRT_PRT"],
@@ -111,6 +111,17 @@ def vagrant_insecure_key() -> Path:
     raise LibvirtBackendError("Vagrant's insecure key not found: run vagrant/host-deps")
 
 
+def _socket_answers(path: str) -> bool:
+    """A unix socket someone listens on (a stale socket file left by a killed daemon does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def _pid_alive(pid: int, exe_name: str) -> bool:
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
@@ -140,7 +151,7 @@ class LibvirtDaemons:
 
     State lives in ``run_dir/state.json`` so that ``daemons start`` and ``daemons stop`` may be
     separate processes. ``stop()`` kills only the PIDs it started (checked against /proc/PID/exe),
-    restores ``qemu.conf``, removes the transient ``mv`` storage pool it created and libvirt's
+    restores ``qemu.conf``, removes the transient ``ms7`` storage pool it created and libvirt's
     iptables chains if they did not exist before.
     """
 
@@ -198,8 +209,9 @@ class LibvirtDaemons:
                         conf.write('\n# added by medstream (xapisim.backends.libvirt); restored on stop\n'
                                    'user = "root"\ngroup = "root"\n')
                     state["qemu_conf_patched"] = True
-                state["chains_before"] = self._existing_chains()
-                if not Path("/run/libvirt/virtlogd-sock").exists():
+                # A state file left by a killed session keeps its (older, truer) list.
+                state.setdefault("chains_before", self._existing_chains())
+                if not _socket_answers("/run/libvirt/virtlogd-sock"):
                     pidfile = self.run_dir / "virtlogd.pid"
                     _run(["virtlogd", "-d", "-p", str(pidfile)], timeout=30)
                     state["virtlogd_pid"] = self._read_pid(pidfile)
@@ -317,7 +329,7 @@ def kvm_usable(image: Path | None = None, timeout: float = 75.0,
 
 
 def _probe_kvm(image: Path, timeout: float) -> tuple[bool, str]:
-    with tempfile.TemporaryDirectory(prefix="mv-kvmprobe-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ms7-kvmprobe-") as tmp:
         overlay = Path(tmp) / "probe.qcow2"
         serial = Path(tmp) / "serial.log"
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(overlay)])
@@ -366,8 +378,8 @@ def _used_subnets() -> set[ipaddress.IPv4Network]:
     return used
 
 
-def free_subnet(candidates: range = range(240, 255), skip: tuple[int, ...] = (250,)) -> ipaddress.IPv4Network:
-    """A /24 in 10.213.240-254.0 (not 250: the Vagrantfile's) that no interface here uses."""
+def free_subnet(candidates: range = range(71, 80), skip: tuple[int, ...] = ()) -> ipaddress.IPv4Network:
+    """A /24 in 10.213.71-79.0 (10.213.70.0/24 is the Vagrantfile's) that no interface here uses."""
     used = _used_subnets()
     for third in candidates:
         if third in skip:
@@ -375,7 +387,7 @@ def free_subnet(candidates: range = range(240, 255), skip: tuple[int, ...] = (25
         net = ipaddress.IPv4Network(f"10.213.{third}.0/24")
         if not any(net.overlaps(u) for u in used):
             return net
-    raise LibvirtBackendError("no free /24 in 10.213.240.0/20 for a libvirt network")
+    raise LibvirtBackendError("no free /24 in 10.213.71.0-10.213.79.0 for a libvirt network")
 
 
 def network_xml(name: str, bridge: str, subnet: ipaddress.IPv4Network) -> str:
@@ -540,7 +552,7 @@ class LibvirtBackend(GuestBackend):
         if not net.subnet_of(ipaddress.IPv4Network("10.213.0.0/16")):
             raise LibvirtBackendError(f"subnet {net} is outside 10.213.0.0/16")
         self.subnet = net
-        bridge = "mvbr" + self.tag.rsplit("-", 1)[-1]
+        bridge = "ms7br" + self.tag.rsplit("-", 1)[-1]
         xml = self.workdir / "network.xml"
         xml.write_text(network_xml(self.network, bridge, net))
         virsh("net-create", str(xml), timeout=60)  # transient: gone when destroyed
@@ -758,11 +770,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Helpers for medstream's real VMs: libvirtd/virtlogd started by hand (PID 1 is not "
                     "systemd here) and stopped by PID, the KVM probe, and a leftover check.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("daemons", help="start/stop/status of libvirtd+virtlogd (and the 'mv' pool)")
+    d = sub.add_parser("daemons", help="start/stop/status of libvirtd+virtlogd (and the 'ms7' pool)")
     d.add_argument("action", choices=["start", "stop", "status"])
-    d.add_argument("--no-pool", action="store_true", help="do not create the transient 'mv' pool")
+    d.add_argument("--no-pool", action="store_true", help="do not create the transient 'ms7' pool")
     sub.add_parser("kvm-probe", help="does a guest really boot under /dev/kvm? (cached)")
-    sub.add_parser("leftovers", help="list mv-* domains/networks/pools; exit 1 if any")
+    sub.add_parser("leftovers", help="list ms7-* domains/networks/pools; exit 1 if any")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
