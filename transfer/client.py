@@ -28,6 +28,7 @@ from transfer.config import NodeAddr
 from transfer.dicominfo import inspect_path
 from transfer.errors import (
     AuthError,
+    IncompleteFetch,
     NodeError,
     NotFoundError,
     ProtocolError,
@@ -1023,50 +1024,99 @@ async def fetch(
     sop: str | None = None,
     on_file: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Fetch matching instances (each from the first node that lists it) into
-    ``out_dir/<study>/<series>/<sop>.dcm``, byte-identical, digest-verified."""
+    """Fetch matching instances into ``out_dir/<study>/<series>/<sop>.dcm`` (non-DICOM objects,
+    with no filter given, into ``out_dir/other/<sha[:2]>/<sha>-<name>``), byte-identical and
+    digest-verified.
+
+    Each object comes from the first node that lists it; if that node fails, from the next
+    replica. Whatever can be fetched is written; if a node could not be asked or an object could
+    not be fetched from any holder, :class:`NodeError` says the result is incomplete.
+    """
     out = Path(out_dir)
     listing = await list_nodes(nodes, creds, study=study, series=series, sop=sop)
-    wanted: dict[str, tuple[NodeAddr, dict[str, Any]]] = {}
-    errors = []
+    holders: dict[str, list[tuple[NodeAddr, dict[str, Any]]]] = {}
+    unreachable: list[str] = []
     for n in nodes:
         rows = listing[n.label]
         if isinstance(rows, str):
-            errors.append(rows)
+            unreachable.append(rows)
             continue
         for r in rows:
-            if r.get("kind") != "dicom" and not (study or series or sop):
-                key = r["sha256"]
-            elif r.get("kind") == "dicom":
-                key = r["sop"]
+            if r.get("kind") == "dicom":
+                key = str(r["sop"])
+            elif not (study or series or sop):
+                key = str(r["sha256"])
             else:
                 continue
-            wanted.setdefault(key, (n, r))
-    if not wanted:
-        raise NotFoundError("nothing matched" + (f" ({'; '.join(errors)})" if errors else ""))
-    by_node: dict[NodeAddr, list[dict[str, Any]]] = {}
-    for n, r in wanted.values():
-        by_node.setdefault(n, []).append(r)
+            holders.setdefault(key, []).append((n, r))
+    if not holders:
+        raise NotFoundError(
+            "nothing matched" + (f" ({'; '.join(unreachable)})" if unreachable else "")
+        )
     written: list[Path] = []
+    done: set[str] = set()
+    last_error: dict[str, str] = {}
+    tried: dict[str, int] = dict.fromkeys(holders, 0)
 
-    async def from_node(n: NodeAddr, rows: list[dict[str, Any]]) -> None:
-        async with NodeSession(n, creds) as s:
-            for r in rows:
-                rel = (
-                    safe_name(r["path"])
-                    if r["kind"] == "dicom"
-                    else safe_name(f"other/{r['sha256'][:2]}/{r['sha256']}-{Path(r['name']).name}")
-                )
-                dest = out / rel
-                if r["kind"] == "dicom":
-                    await s.get(dest, sop=r["sop"])
-                else:
-                    await s.get(dest, sha256=r["sha256"])
-                written.append(dest)
-                if on_file:
-                    on_file(dest)
+    def dest_for(r: dict[str, Any]) -> Path:
+        if r["kind"] == "dicom":
+            return out / safe_name(str(r["path"]))
+        return out / safe_name(f"other/{r['sha256'][:2]}/{r['sha256']}-{Path(r['name']).name}")
 
-    async with asyncio.TaskGroup() as tg:
-        for n, rows in by_node.items():
-            tg.create_task(from_node(n, rows))
+    async def from_node(n: NodeAddr, items: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Fetch ``items`` from ``n``; return the keys that failed there."""
+        failed: list[str] = []
+        todo = deque(items)
+        try:
+            async with NodeSession(n, creds) as s:
+                while todo:
+                    key, r = todo[0]
+                    dest = dest_for(r)
+                    try:
+                        if r["kind"] == "dicom":
+                            await s.get(dest, sop=r["sop"])
+                        else:
+                            await s.get(dest, sha256=r["sha256"])
+                    except (NotFoundError, ValidationError) as exc:
+                        # This object only (missing on the node's disk, bad digest): next one.
+                        last_error[key] = str(exc)
+                        failed.append(key)
+                        todo.popleft()
+                        continue
+                    todo.popleft()
+                    done.add(key)
+                    written.append(dest)
+                    if on_file:
+                        on_file(dest)
+        except (TransferError, OSError, TimeoutError) as exc:
+            for key, _ in todo:  # the node is gone: everything left tries another holder
+                last_error[key] = str(exc) or type(exc).__name__
+                failed.append(key)
+        return failed
+
+    pending = list(holders)
+    while pending:
+        by_node: dict[NodeAddr, list[tuple[str, dict[str, Any]]]] = {}
+        for key in pending:
+            n, r = holders[key][tried[key]]
+            tried[key] += 1
+            by_node.setdefault(n, []).append((key, r))
+        results = await asyncio.gather(*(from_node(n, items) for n, items in by_node.items()))
+        pending = [k for failed in results for k in failed if tried[k] < len(holders[k])]
+    missing = [k for k in holders if k not in done]
+    if missing:
+        raise IncompleteFetch(
+            f"incomplete: fetched {len(written)} files into {out}, but {len(missing)} of "
+            f"{len(holders)} objects could not be fetched from any node (e.g. {missing[0]}: "
+            f"{last_error.get(missing[0], 'no holder answered')})"
+            + (f"; not reachable: {'; '.join(unreachable)}" if unreachable else ""),
+            sorted(written),
+        )
+    if unreachable:
+        raise IncompleteFetch(
+            f"possibly incomplete: fetched {len(written)} files into {out}, but a node that may "
+            f"hold more could not be asked ({'; '.join(unreachable)})",
+            sorted(written),
+        )
     return sorted(written)
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TransferError(Exception):
     """Root of every error this package raises on purpose."""
@@ -49,3 +51,13 @@ class ConfigError(TransferError, ValueError):
 
 class NodeError(TransferError, ConnectionError):
     """A node could not be reached or dropped the connection."""
+
+
+class IncompleteFetch(NodeError):
+    """A get wrote what it could, but objects are missing or a node could not be asked.
+
+    ``paths`` holds the files that were written (complete and digest-checked)."""
+
+    def __init__(self, message: str, paths: list[Path]) -> None:
+        super().__init__(message)
+        self.paths = paths

@@ -510,3 +510,65 @@ def test_idle_connections_do_not_block_other_clients(
     finally:
         for s in [*idle, half]:
             s.close()
+
+
+def test_get_falls_back_to_a_replica_and_never_silently_returns_part_of_a_study(
+    tmp_path: Path, pki_dir: Path, creds: Credentials
+) -> None:
+    from transfer.errors import IncompleteFetch
+
+    files = make_series(tmp_path / "s", 12, seed=41)
+    study = inspect_path(files[0]).study_uid
+    a, b = two_nodes(tmp_path, pki_dir)
+    try:
+        nodes = [NodeAddr("127.0.0.1", a.port, "n1"), NodeAddr("127.0.0.1", b.port, "n2")]
+        assert upload_dir(tmp_path / "s", nodes, creds, replicas=1).ok
+        a.stop()  # half the study is on n1 (replicas=1): the result must say it is incomplete
+        with pytest.raises(IncompleteFetch, match="incomplete") as ei:
+            asyncio.run(fetch(nodes, creds, tmp_path / "o1", study=study))
+        assert "n1" in str(ei.value) and "\n" not in str(ei.value)
+        assert len(ei.value.paths) == len(list((tmp_path / "o1").rglob("*.dcm")))
+        got_from_b = list((tmp_path / "o1").rglob("*.dcm"))  # what could be fetched was
+        assert 0 < len(got_from_b) < 12
+    finally:
+        a.stop()
+        b.stop()
+    # With two replicas, losing a node loses nothing.
+    c, d = two_nodes(tmp_path / "r2", pki_dir)
+    try:
+        nodes = [NodeAddr("127.0.0.1", c.port, "n1"), NodeAddr("127.0.0.1", d.port, "n2")]
+        assert upload_dir(tmp_path / "s", nodes, creds, replicas=2).ok
+        c.stop()
+        # Every object arrives from n2; the get still says n1 could not be asked (the client
+        # cannot know that n1 held nothing else).
+        with pytest.raises(IncompleteFetch, match="possibly incomplete.*n1") as ei:
+            asyncio.run(fetch(nodes, creds, tmp_path / "o2", study=study))
+        got = ei.value.paths
+        assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in got) == sorted(
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+        )
+    finally:
+        c.stop()
+        d.stop()
+
+
+def test_get_survives_a_node_dropping_mid_fetch_by_using_the_other_replica(
+    tmp_path: Path, pki_dir: Path, creds: Credentials
+) -> None:
+    files = make_series(tmp_path / "s", 8, seed=42)
+    a, b = two_nodes(tmp_path, pki_dir)
+    try:
+        nodes = [NodeAddr("127.0.0.1", a.port, "n1"), NodeAddr("127.0.0.1", b.port, "n2")]
+        assert upload_dir(tmp_path / "s", nodes, creds, replicas=2).ok
+        # Damage n1's copies on disk: its answers fail, n2 has good ones.
+        assert a.server is not None
+        for p in Path(a.server.store.root).rglob("*.dcm"):
+            p.unlink()
+        got = asyncio.run(fetch(nodes, creds, tmp_path / "o", study=inspect_path(files[0]).study_uid))
+        assert len(got) == 8
+        assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in got) == sorted(
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+        )
+    finally:
+        a.stop()
+        b.stop()
