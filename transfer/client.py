@@ -221,6 +221,7 @@ class NodeSession:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.node_name = ""
+        self.max_frame = CHUNK  # the node's limit for one frame, from its WELCOME
         self._req = 0
 
     async def open(self, timeout: float = CONNECT_TIMEOUT) -> NodeSession:
@@ -261,6 +262,7 @@ class NodeSession:
             await self.close()
             raise NodeError(f"{a.label}: unexpected answer to hello")
         self.node_name = ev.node
+        self.max_frame = ev.max_frame
         return self
 
     async def next_event(self, timeout: float = IO_TIMEOUT) -> Event:
@@ -684,7 +686,7 @@ class _Uploader:
                 inflight.append(lf)
                 drained.clear()
                 read_ahead()
-                await self._send_file(s.conn, writer, lf, next_id, loop, chunks)
+                await self._send_file(s.conn, writer, lf, next_id, loop, chunks, s.max_frame)
                 next_id += 1
             # All sent: wait for the remaining acks (or the ack reader's failure).
             async with asyncio.timeout(IO_TIMEOUT):
@@ -706,6 +708,8 @@ class _Uploader:
                 acks.cancel()
                 with contextlib.suppress(BaseException):
                     await acks
+            elif not acks.cancelled():
+                acks.exception()  # retrieved: the caller already has its own error
             await s.close()
 
     async def _send_file(
@@ -716,7 +720,17 @@ class _Uploader:
         file_id: int,
         loop: asyncio.AbstractEventLoop,
         chunks: list[bytes] | None,
+        max_frame: int,
     ) -> None:
+        limit = max(1024, min(max_frame, CHUNK))  # never a frame the node would refuse
+
+        def data_frames(out: bytes) -> None:
+            if len(out) <= limit:
+                writer.write(conn.send(Data(out)))
+                return
+            for off in range(0, len(out), limit):
+                writer.write(conn.send(Data(out[off : off + limit])))
+
         writer.write(
             conn.send(
                 FileHeader(
@@ -734,7 +748,7 @@ class _Uploader:
         )
         if chunks is not None:
             for out in chunks:
-                writer.write(conn.send(Data(out)))
+                data_frames(out)
                 self.stats.wire_bytes += len(out)
                 self.progress.sent += len(out)
             writer.write(conn.send(EndOfBody()))
@@ -756,7 +770,7 @@ class _Uploader:
             while True:
                 out, last = await loop.run_in_executor(self.executor, next_chunk)
                 if out:
-                    writer.write(conn.send(Data(out)))
+                    data_frames(out)
                     sent += len(out)
                     self.stats.wire_bytes += len(out)
                     self.progress.sent += len(out)

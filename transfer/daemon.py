@@ -497,7 +497,7 @@ class NodeServer:
             try:
                 writer.write(conn.send(resp))
                 while True:
-                    chunk = await self._run(fp.read, CHUNK)
+                    chunk = await self._run(fp.read, min(CHUNK, self.cfg.max_frame))
                     if not chunk:
                         break
                     writer.write(conn.send(Data(chunk)))

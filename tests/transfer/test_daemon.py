@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from transfer_helpers import copy_testfile, make_series, node_config, pydicom_sample
+from transfer_helpers import copy_testfile, make_series, node_config, pydicom_sample, write_ct
 
 from transfer.client import (
     Credentials,
@@ -572,3 +572,31 @@ def test_get_survives_a_node_dropping_mid_fetch_by_using_the_other_replica(
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_uploader_respects_the_nodes_max_frame_and_streams_big_files(
+    tmp_path: Path, compression: str
+) -> None:
+    # 3 small files (~130 KB, sent whole) and one of ~6.5 MB (> 4 MiB: streamed in chunks),
+    # to a node that accepts frames of at most 64 KiB.
+    files = make_series(tmp_path / "s", 3, rows=256, cols=256, seed=51)
+    files.append(
+        write_ct(
+            tmp_path / "s" / "big.dcm",
+            study=inspect_path(files[0]).study_uid,
+            series=inspect_path(files[0]).series_uid,
+            sop="1.2.826.0.1.3680043.8.498.999",
+            rows=1800,
+            cols=1800,
+        )
+    )
+    assert files[-1].stat().st_size > 4 << 20
+    with ServerThread(node_config(tmp_path / "root", None, max_frame=65536)) as srv:
+        addr = NodeAddr("127.0.0.1", srv.port)
+        rep = upload_dir(tmp_path / "s", [addr], Credentials.plaintext(), compression=compression)
+        assert rep.ok, rep.failed
+        got = asyncio.run(fetch([addr], Credentials.plaintext(), tmp_path / "out"))
+        assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in got) == sorted(
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+        )
