@@ -454,7 +454,9 @@ def up_cmd(c: Context, cloud_yml: str | None, sim: bool, sim_backend: str, nodes
             if sim_backend == "memory" and not {"deploy", "smoke"} <= skips:
                 raise XenctlError("the memory backend has no hosts to deploy to",
                                   hint="use --sim-backend lab, or --skip deploy,smoke")
-            slices = 360 if study_slices is None else study_slices
+            # the series goes to deployed nodes: by default only when deploy and smoke run
+            slices = study_slices if study_slices is not None else \
+                (0 if skips & {"deploy", "smoke", "study"} else 360)
             if sim_backend == "memory":
                 slices = 0
             c.say(f"starting xapisim (3 hosts, {sim_backend} backend)")

@@ -12,8 +12,12 @@ SIGINT / SIGTERM are ignored so a second Ctrl-C cannot leave half a lab behind.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from . import procs
 from .spec import CloudSpec, GiB, Secret, load_spec
 from .up import DeployOptions
 
@@ -38,6 +43,17 @@ class SimCloud:
     deploy: DeployOptions
     sim: Any
     workdir: Path  # removed on exit: put the inventory and anything else per-run here
+
+
+def _control_path_dir(workdir: Path) -> Path:
+    """A directory for Ansible's SSH control sockets. A socket path must fit in 108 bytes and
+    ssh appends ``/<10 hex>.<16 random>`` while binding, so a long TMPDIR gets a short
+    ``/tmp/xenctl-cp-<pid>-*`` instead (removed at exit like everything else)."""
+    inside = workdir / "cp"
+    if len(str(inside)) <= 70:
+        inside.mkdir(mode=0o700)
+        return inside
+    return Path(tempfile.mkdtemp(prefix=f"xenctl-cp-{os.getpid()}-", dir="/tmp"))
 
 
 def _close_ssh_masters(cp_dir: Path) -> None:
@@ -69,13 +85,13 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
     previous_term = signal.signal(signal.SIGTERM, on_term)
     previous_int = signal.getsignal(signal.SIGINT)
     cp_dir: Path | None = None
+    deploy: DeployOptions | None = None
     try:
         sim.start()
         assert sim.workdir is not None
         workdir = Path(sim.workdir) / "xenctl"
         workdir.mkdir(mode=0o700)
-        cp_dir = workdir / "cp"
-        cp_dir.mkdir(mode=0o700)
+        cp_dir = _control_path_dir(workdir)
         deploy = DeployOptions(state_dir=workdir / "state",
                                extra_vars={"ansible_control_path_dir": str(cp_dir)})
         cidr = MEMORY_CIDR
@@ -106,6 +122,13 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
         try:
             if cp_dir is not None:
                 _close_ssh_masters(cp_dir)
+                for _ in range(3):  # a socket bound meanwhile makes rmdir fail: try again
+                    shutil.rmtree(cp_dir, ignore_errors=True)
+                    if not cp_dir.exists():
+                        break
+                    time.sleep(0.2)
+            if deploy is not None:  # the masters, now exiting, are our children: reap them
+                procs.end_children(only=deploy.adopted)
             sim.stop()
         finally:
             signal.signal(signal.SIGTERM, previous_term)

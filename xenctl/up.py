@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import procs
 from .errors import Interrupted, XenctlError
 from .inventory import build_inventory, write_inventory
 from .nodes import NodeResult, scale_nodes
@@ -84,6 +85,8 @@ class DeployOptions:
     #: A throwaway cloud (--sim) keeps it in its own directory; the wheelhouse stays in the
     #: default cache either way (it depends only on the sources)
     state_dir: Path | None = None
+    #: processes the deploy left running as xenctl's children (Ansible's ssh masters)
+    adopted: set[int] = field(default_factory=set)
 
 
 @contextmanager
@@ -211,8 +214,23 @@ def _deploy(inventory: Path, opts: DeployOptions, progress: Progress) -> tuple[b
         kw["state_dir"] = opts.state_dir
         kw["wheelhouse"] = mod.build_wheelhouse(mod.default_state_dir() / "wheelhouse",
                                                 progress=progress)
-    res = run(inventory, ssh_config=opts.ssh_config, private_key=opts.private_key,
-              extra_vars=dict(opts.extra_vars), progress=progress, **kw)
+    # ansible-playbook's workers and ssh processes run in sessions of their own, and when
+    # interrupted the runner kills ansible-playbook alone: adopt the orphans while it runs
+    # (see xenctl.procs) and end them on the way out; ssh masters that outlive a successful run
+    # are remembered in opts.adopted for the caller (--sim ends them at teardown)
+    keep = procs.children()
+    adopting = procs.set_subreaper(True)
+    try:
+        res = run(inventory, ssh_config=opts.ssh_config, private_key=opts.private_key,
+                  extra_vars=dict(opts.extra_vars), progress=progress, **kw)
+    except BaseException:
+        if adopting:
+            procs.end_children(keep)
+        raise
+    finally:
+        if adopting:
+            procs.set_subreaper(False)
+    opts.adopted |= procs.children() - keep
     changed = bool(getattr(res, "changed", True))
     return changed, str(getattr(res, "summary", ""))
 

@@ -3,6 +3,13 @@ Ansible part) and lab hosts; here they are skipped explicitly."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +108,117 @@ def test_up_sim_full_chain_then_second_run_changes_nothing(tmp_path: Path) -> No
                     deploy=sc.deploy)
         assert [p.name for p in second.phases if p.changed] == []
         assert "fetched back byte-identical" in second.phases[-1].detail
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of a live (non-zombie) process, or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _descendants(root: int) -> set[tuple[int, str]]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    found: set[tuple[int, str]] = set()
+    todo = [root]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            start = _proc_start(kid)
+            if start is not None:
+                found.add((kid, start))
+            todo.append(kid)
+    return found
+
+
+def _lab_of(pid: int) -> str | None:
+    for st in Path("/run/medstream-labnet").glob("*/state.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(st.read_text()).get("owner_pid") == pid:
+                return st.parent.name
+    return None
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize(("sig", "needle", "count"), [
+    (signal.SIGTERM, "== nodes", 1),                   # lab hosts booting
+    (signal.SIGINT, "deploy: transfer_node :", 3),     # ansible-playbook and its SSH masters live
+    (None, "", 0),                                     # runs to the end
+], ids=["sigterm-nodes", "sigint-deploy", "completes"])
+def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None, needle: str,
+                                      count: int) -> None:
+    """`xenctl up --sim` as a user runs it, interrupted by a signal to its PID (or not): it
+    exits 1 with a clear message (2 when it completes) and leaves no network namespace, lab
+    directory, process or file behind (all its temporary files go under a TMPDIR owned here)."""
+    tmp = tmp_path / "tmp"
+    cwd = tmp_path / "cwd"
+    tmp.mkdir()
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XENCTL_", "XENSERVER_"))}
+    env.update({"TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
+    args = ["--nodes", "2", "--study-slices", "0"] if sig == signal.SIGINT else \
+        ["--nodes", "2", "--skip", "deploy,smoke"]
+    proc = subprocess.Popen([sys.executable, "-m", "xenctl.cli", "up", "--sim", *args],
+                            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen: set[tuple[int, str]] = set()
+    lines: list[str] = []
+    prefix = None
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 240
+        hits = 0
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            seen |= _descendants(proc.pid)
+            prefix = prefix or _lab_of(proc.pid)
+            if sig is not None and needle in line:
+                hits += 1
+                if hits >= count:
+                    proc.send_signal(sig)
+                    break
+        out, _ = proc.communicate(timeout=120)
+        lines.append(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    text = "".join(lines)
+    assert prefix, text
+    if sig is None:
+        assert proc.returncode == 2, text
+        assert "simulated pool removed" in text
+    else:
+        assert proc.returncode == 1, text
+        assert "xenctl: error: interrupted" in text and "torn down" in text, text
+    assert "Traceback" not in text, text
+    assert any(p for p in seen), "no child process was ever seen"
+    deadline = time.monotonic() + 15
+    alive = seen
+    while time.monotonic() < deadline:
+        alive = {(p, s) for p, s in seen if _proc_start(p) == s}
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes() for p, _ in alive]
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert prefix not in ns
+    assert not Path(f"/run/medstream-labnet/{prefix}").exists()
+    assert list(tmp.iterdir()) == [] and list(cwd.iterdir()) == []
+    assert list(Path("/tmp").glob(f"xenctl-cp-{proc.pid}-*")) == []  # SSH control sockets
+    for d in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace")
+            assert str(tmp) not in cmd and prefix not in cmd, cmd
+            assert f"xenctl-cp-{proc.pid}-" not in cmd, cmd  # an SSH master left running
