@@ -2,11 +2,12 @@
 # Debian has no make); these targets call them.
 #   make demo   run the main job on the embedded simulator (DEMO_ARGS="--nodes 30")
 #   make test   run the whole test suite (lint, types, unit, integration, lab hosts)
+#   make test-vms  real VMs (qemu/libvirt/Vagrant, minutes each; see vagrant/README.md)
 VENV ?= .venv
 PY   := $(VENV)/bin/python
 BIN  := $(VENV)/bin
 
-.PHONY: bootstrap demo test lint unit bench-loopback clean
+.PHONY: bootstrap demo test test-vms lint unit bench-loopback clean
 bootstrap:
 	@./scripts/bootstrap
 
@@ -19,6 +20,14 @@ lint: bootstrap
 
 test:
 	./scripts/test
+
+# Each module under its own hold of the machine's CPU lock (VMs are exclusive users of the cores).
+VM_LOCK ?= /tmp/ms-cpu.lock
+test-vms: bootstrap
+	./vagrant/host-deps
+	flock $(VM_LOCK) $(BIN)/pytest -m vagrant -p no:cacheprovider tests/vagrant/test_vagrant_rig.py
+	flock $(VM_LOCK) $(BIN)/pytest -m vagrant -p no:cacheprovider tests/vagrant/test_libvirt_backend.py
+	flock $(VM_LOCK) $(BIN)/pytest -m vagrant -p no:cacheprovider tests/vagrant/test_xenctl_libvirt.py
 
 bench-loopback: bootstrap
 	$(PY) bench/loopback.py

@@ -8,9 +8,10 @@ answers, reports that address. ``shutdown`` stops and undefines the domain but k
 (the VM's disk); ``destroy`` removes the overlay too; ``close`` removes every domain, the network
 and the work directory, and stops libvirtd/virtlogd if this backend started them.
 
-The guest is a real Debian with systemd as PID 1, so Ansible roles take their systemd branch. Log in
-as ``vagrant`` with ``private_key`` (Vagrant's well-known insecure key, copied to the work dir; the
-network is isolated and reachable only from this machine).
+The guest is a real Debian with systemd as PID 1, so Ansible roles take their systemd branch. As on
+lab hosts, log in as root with ``private_key`` (or ``ssh -F ssh_config``): a key this backend
+generates and installs for root on each guest after boot, logging in once as ``vagrant`` with
+Vagrant's well-known insecure key (the network is isolated and reachable only from this machine).
 
 ``/dev/kvm`` is used only when a guest really boots on it (``kvm_usable``, cached); otherwise the
 domains run under qemu's software emulation (TCG) with a small translation cache.
@@ -509,6 +510,8 @@ class LibvirtBackend(GuestBackend):
             key = self.workdir / "id_vagrant"
             shutil.copyfile(vagrant_insecure_key(), key)
             key.chmod(0o600)
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.tag,
+                  "-f", str(self.private_key)], timeout=30)
             self.known_hosts.touch()
             self._write_ssh_config()
         except BaseException:
@@ -516,11 +519,33 @@ class LibvirtBackend(GuestBackend):
             raise
 
     # -- what deployment needs ----------------------------------------------------------------
-    ssh_user = "vagrant"
+    ssh_user = "root"
 
     @property
     def private_key(self) -> Path:
+        """This backend's own key: root on every guest it booted accepts it (as on lab hosts)."""
+        return self.workdir / "id_ed25519"
+
+    @property
+    def vagrant_key(self) -> Path:
         return self.workdir / "id_vagrant"
+
+    def _authorize_root(self, ip: str, deadline: float) -> None:
+        """Log in as ``vagrant`` (the box's insecure key) and let root in with this backend's key."""
+        pub = self.private_key.with_suffix(".pub").read_text()
+        script = ("sudo sh -c 'umask 077 && mkdir -p /root/.ssh && "
+                  "cat > /root/.ssh/authorized_keys'")
+        last = ""
+        while time.monotonic() < deadline:
+            proc = _run(["ssh", "-F", "none", "-i", str(self.vagrant_key), "-o", "IdentitiesOnly=yes",
+                         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
+                         "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "ConnectTimeout=20",
+                         f"vagrant@{ip}", script], input=pub, timeout=90, check=False)
+            if proc.returncode == 0:
+                return
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            time.sleep(3)
+        raise LibvirtBackendError(f"{ip}: could not authorize root's key: {last}")
 
     @property
     def known_hosts(self) -> Path:
@@ -652,6 +677,7 @@ class LibvirtBackend(GuestBackend):
             if ip is None:
                 ip = lease_for(self.network, mac)
             if ip is not None and sshd_answers(ip):
+                self._authorize_root(ip, deadline)
                 return ip
             time.sleep(2)
 
