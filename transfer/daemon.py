@@ -299,6 +299,11 @@ class NodeServer:
         )
         if self.store.removed_temps:
             log.warning("removed %d temp files left by an earlier crash", self.store.removed_temps)
+        if self.store.reindexed:
+            log.warning(
+                "indexed %d complete files an earlier crash left without their index row",
+                self.store.reindexed,
+            )
         if cfg.erl3d_port:
             try:
                 esrv = await asyncio.start_server(self._erl3d, cfg.bind, cfg.erl3d_port)

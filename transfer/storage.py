@@ -107,6 +107,16 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
     return StorageError(exc.errno or errno.EIO, f"I/O error while {what}: {exc.strerror or exc}")
 
 
+def _hash_path(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fp:
+        while chunk := fp.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class CommitResult:
     status: Literal["stored", "exists"]
@@ -245,8 +255,10 @@ class Store:
             self._db.close()
 
     def _clean_temps(self) -> int:
-        """Remove temp files left by a crash (they were never visible in the index)."""
+        """Remove temp files left by a crash (they were never visible in the index), and index
+        complete files that a crash left without their row (see :meth:`_reindex`)."""
         n = 0
+        self.reindexed = 0
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if d != INDEX_DIR]
             for f in filenames:
@@ -256,7 +268,71 @@ class Store:
                         n += 1
                     except OSError:
                         pass
+                elif self._reindex(Path(dirpath, f)):
+                    self.reindexed += 1
         return n
+
+    def _reindex(self, path: Path) -> bool:
+        """Index one file of our layout that the index does not know; True if it was.
+
+        A crash between the rename and the index commit leaves a complete, verified file
+        without its row. It is indexed again if it still checks out: a DICOM object whose UIDs
+        match its ``<study>/<series>/<sop>.dcm`` path, or an object whose SHA-256 is its name.
+        Anything else is left alone and never served. A known file costs one key lookup.
+        """
+        parts = path.relative_to(self.root).parts
+        try:
+            if len(parts) == 3 and parts[0] == "objects" and len(parts[2]) == 64:
+                return self._reindex_object(path, parts)
+            if len(parts) == 3 and parts[2].endswith(".dcm"):
+                return self._reindex_instance(path, parts)
+        except (ValidationError, OSError, sqlite3.Error):
+            pass
+        return False
+
+    def _reindex_object(self, path: Path, parts: tuple[str, ...]) -> bool:
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM objects WHERE sha256=?", (parts[2],)).fetchone():
+                return False
+        size, digest = _hash_path(path)
+        if digest != parts[2] or parts[1] != digest[:2]:
+            return False
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO objects VALUES (?,?,?,?,?)",
+                (digest, size, "/".join(parts), "", time.time()),
+            )
+        return True
+
+    def _reindex_instance(self, path: Path, parts: tuple[str, ...]) -> bool:
+        study, series, sop = parts[0], parts[1], parts[2][: -len(".dcm")]
+        if not (valid_uid(study) and valid_uid(series) and valid_uid(sop)):
+            return False
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM instances WHERE sop=?", (sop,)).fetchone():
+                return False
+        size, digest = _hash_path(path)
+        with open(path, "rb") as fp:
+            info = inspect_fileobj(fp, size)
+        if (info.study_uid, info.series_uid, info.sop_uid) != (study, series, sop):
+            return False
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    sop,
+                    study,
+                    series,
+                    digest,
+                    size,
+                    "/".join(parts),
+                    parts[2],
+                    info.transfer_syntax,
+                    info.modality,
+                    time.time(),
+                ),
+            )
+        return True
 
     # ------------------------------------------------------------------ writing
     def begin(

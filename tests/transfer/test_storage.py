@@ -272,3 +272,41 @@ def test_index_disk_full_is_a_storage_error_and_leaves_nothing_visible(tmp_path:
         assert visible_files(root) == []
         assert not list(root.rglob(".tmp-*"))
         assert store.summary()["instances"] == 0  # reads still work
+
+
+def test_unindexed_files_are_validated_and_reindexed_at_start(tmp_path: Path) -> None:
+    """A crash between the rename and the index commit leaves a complete file without its row:
+    the next start indexes it again (after re-checking it), so list/get see it."""
+    import sqlite3
+
+    files = make_series(tmp_path / "s", 2)
+    root = tmp_path / "root"
+    store = Store(root)
+    for f in files:
+        _put(store, f)
+    up = store.begin(kind="other", name="n.txt", size=5, sha256=hashlib.sha256(b"hello").hexdigest())
+    up.write(b"hello")
+    up.commit()
+    before = {r["sop"] if r["kind"] == "dicom" else r["sha256"]: r for r in store.list()}
+    store.close()
+    db = sqlite3.connect(root / ".medstream" / "index.sqlite3")
+    db.execute("DELETE FROM instances")
+    db.execute("DELETE FROM objects")
+    db.commit()
+    db.close()
+    # Files that are not ours are left alone and not indexed.
+    (root / "1.2.3").mkdir()
+    (root / "1.2.3" / "junk.dcm").write_bytes(b"not dicom")
+    bad = root / "1.2" / "3.4"
+    bad.mkdir(parents=True)
+    (bad / "5.6.dcm").write_bytes(files[0].read_bytes())  # UIDs in the file do not match the path
+    store = Store(root)
+    assert store.reindexed == 3
+    after = {r["sop"] if r["kind"] == "dicom" else r["sha256"]: r for r in store.list()}
+    assert set(after) == set(before)
+    for k, r in before.items():
+        assert {x: after[k][x] for x in ("sha256", "size", "path")} == {
+            x: r[x] for x in ("sha256", "size", "path")
+        }
+    assert (root / "1.2.3" / "junk.dcm").exists() and (bad / "5.6.dcm").exists()
+    store.close()
