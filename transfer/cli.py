@@ -168,6 +168,8 @@ def upload(
     A re-run sends only what the nodes do not already hold. Exits 1 if anything was not stored.
     """
     if protocol == "erl3d":
+        if zstd:
+            raise TransferError("--zstd is not part of the erl3d format (it sends raw files)")
         node_opts["insecure_plaintext"] = True
     if json_report and not Path(json_report).resolve().parent.is_dir():
         raise TransferError(f"--json-report: directory {Path(json_report).parent} does not exist")

@@ -239,6 +239,7 @@ BAD_INPUT = [
     (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--ca-file", "/nonexistent.crt", "--token-file", "/x"], "cannot load TLS files"),
     (["upload", "{dicom}", "--config", "{garbage}"], "config file"),
     (["upload", "{nowhere}", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "does not exist"),
+    (["upload", "{dicom}", "--nodes", "127.0.0.1:1", "--protocol", "erl3d", "--zstd"], "erl3d"),
     (["ls", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "cannot connect"),
     (["get", "{tmp}/out", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "give --study"),
     (["get", "{tmp}/out", "--study", "1.2", "--nodes", "127.0.0.1:1", "--insecure-plaintext"], "cannot connect"),
