@@ -247,9 +247,19 @@ class NodeSession:
         except ssl.SSLCertVerificationError as exc:
             await self.close()
             raise AuthError(f"{a.label}: TLS certificate rejected: {exc.verify_message}") from None
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:
+            await self.close()
+            raise NodeError(
+                f"{a.label}: TLS handshake failed ({exc.reason or exc}); is the node running "
+                "with --insecure-plaintext?"
+            ) from None
+        except OSError as exc:
             await self.close()
             raise NodeError(f"{a.label}: cannot connect: {exc.strerror or exc}") from None
+        except RemoteProtocolError as exc:
+            await self.close()
+            hint = "" if self.creds.ssl else " (does the node expect TLS? drop --insecure-plaintext)"
+            raise NodeError(f"{a.label}: not a medstream answer: {exc}{hint}") from None
         except BaseException:
             await self.close()
             raise
@@ -260,7 +270,8 @@ class NodeSession:
             raise NodeError(f"{a.label}: refused: {ev.message}")
         if not isinstance(ev, Welcome):
             await self.close()
-            raise NodeError(f"{a.label}: unexpected answer to hello")
+            hint = "" if self.creds.ssl else " (does the node expect TLS? drop --insecure-plaintext)"
+            raise NodeError(f"{a.label}: no answer to HELLO{hint}")
         self.node_name = ev.node
         self.max_frame = ev.max_frame
         return self

@@ -149,7 +149,7 @@ def test_wrong_token_wrong_ca_and_plaintext_are_refused(
         asyncio.run(
             NodeSession(addr, Credentials(client_ssl_context(str(other / "ca.crt")), "x")).open()
         )
-    with pytest.raises(NodeError):
+    with pytest.raises(NodeError, match="expect TLS"):
         asyncio.run(NodeSession(addr, Credentials.plaintext()).open(timeout=5))
     make_series(tmp_path / "s", 2)
     d = upload_dir(tmp_path / "s", [addr], bad).as_dict()
@@ -600,3 +600,11 @@ def test_uploader_respects_the_nodes_max_frame_and_streams_big_files(
         assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in got) == sorted(
             hashlib.sha256(p.read_bytes()).hexdigest() for p in files
         )
+
+
+def test_tls_client_on_a_plaintext_node_gets_a_hint(
+    plain_node: tuple[ServerThread, NodeAddr], creds: Credentials
+) -> None:
+    _, addr = plain_node
+    with pytest.raises(NodeError, match="TLS handshake failed.*insecure-plaintext"):
+        asyncio.run(NodeSession(addr, creds).open(timeout=5))
