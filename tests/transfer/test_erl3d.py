@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +186,33 @@ def test_erl3d_allow_other_keeps_non_dicom_by_content_hash(tmp_path: Path) -> No
         # Kept by content hash, never under the client's name.
         assert (root / "objects" / sha[:2] / sha).read_bytes() == b"hello"
         assert not (root / "dir").exists()
+
+
+def test_erl3d_truncated_and_idle_connections_leave_nothing_and_do_not_block(
+    tmp_path: Path,
+) -> None:
+    cfg = node_config(tmp_path / "root", None, idle_timeout=0.5)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    cfg.erl3d_port = s.getsockname()[1]
+    s.close()
+    data = pydicom_sample("CT_small.dcm").read_bytes()
+    frame = erl3d.encode_request("CT_small.dcm", data)
+    with ServerThread(cfg) as srv:
+        root = Path(cfg.storage_root)
+        idle = socket.create_connection(("127.0.0.1", srv.erl3d_port), timeout=10)
+        # A frame cut short (length prefix says more than arrives), then a close.
+        with socket.create_connection(("127.0.0.1", srv.erl3d_port), timeout=10) as cut:
+            cut.sendall(frame[: len(frame) // 2])
+        # A frame cut short, then silence: dropped after the idle timeout.
+        stall = socket.create_connection(("127.0.0.1", srv.erl3d_port), timeout=10)
+        stall.sendall(frame[:100])
+        # Meanwhile another client is served.
+        assert _erl_call(srv.erl3d_port, erl3d.encode_request("x.dcm", data)) == (True, "x.dcm")
+        t0 = time.monotonic()
+        for sock in (idle, stall):
+            assert sock.recv(100) == b""  # closed by the node, no reply
+            sock.close()
+        assert time.monotonic() - t0 < 8
+        stored = [p for p in root.rglob("*") if p.is_file() and ".medstream" not in p.parts]
+        assert [p.read_bytes() for p in stored] == [data]  # only the complete one
