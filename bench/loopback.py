@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = rat[f"{ms} / best dcmtk"]
             targets[f"{ms} >= 1.2 x best dcmtk ({v:.2f}x)"] = (v >= 1.2, v)
     if rss_large:
-        v = rss_large["client_rss_mb"]
+        v = float(rss_large["client_rss_mb"])  # type: ignore[arg-type]
         targets[f"uploader peak RSS <= 150 MB for {rss_large['series_mb']:.0f} MB ({v:.0f} MB)"] = (
             v <= 150, v)
     data = {

@@ -567,15 +567,15 @@ def chart(data: dict[str, Any], path: Path) -> None:
             s = _find(summary, profile=p, regime="shared", payload="compressed", method=m,
                       nodes=int(n))
             ours.append(s["full_series_seconds_mean"] if s else math.nan)
-        xs = range(len(keys))
-        ax2.bar([x - 0.2 for x in xs], [PAPER[p][k] for k in keys], 0.4, label="paper (2013)",
+        xs2 = range(len(keys))
+        ax2.bar([x - 0.2 for x in xs2], [PAPER[p][k] for k in keys], 0.4, label="paper (2013)",
                 color="#999999")
-        ax2.bar([x + 0.2 for x in xs], ours, 0.4, label="ours (~80 MB payload, shared)",
+        ax2.bar([x + 0.2 for x in xs2], ours, 0.4, label="ours (~80 MB payload, shared)",
                 color="#2ca02c")
-        for x, v in zip(xs, ours, strict=True):
+        for x, v in zip(xs2, ours, strict=True):
             if not math.isnan(v):
                 ax2.text(x + 0.2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
-        ax2.set_xticks(list(xs))
+        ax2.set_xticks(list(xs2))
         ax2.set_xticklabels(["stream 1", "stream 5", "stream 30", "FTP"])
         ax2.set_ylabel("seconds for 360 slices", fontsize=8)
         ax2.set_title(f"{p}: time for the series, ours vs the paper", fontsize=10)
@@ -603,13 +603,13 @@ def parse_scale(text: str, profiles: Sequence[str]) -> dict[str, float]:
     out = dict.fromkeys(profiles, 1.0)
     for part in _csv(text):
         if "=" in part:
-            k, v = part.split("=", 1)
-            out[k.strip()] = float(v)
+            key, val = part.split("=", 1)
+            out[key.strip()] = float(val)
         else:
             out = dict.fromkeys(profiles, float(part))
-    for k, v in out.items():
-        if not 0 < v <= 1:
-            raise SystemExit(f"table4: --scale for {k} must be in (0, 1], not {v}")
+    for name, frac in out.items():
+        if not 0 < frac <= 1:
+            raise SystemExit(f"table4: --scale for {name} must be in (0, 1], not {frac}")
     return out
 
 
