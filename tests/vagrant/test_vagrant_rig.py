@@ -138,6 +138,7 @@ def test_testinfra_green_against_the_vms(rig: Rig) -> None:
     t0 = time.monotonic()
     out = run([PY, "-m", "pytest", "tests/infra", "--ansible-inventory", str(path), "-q",
                "-p", "no:cacheprovider", "-o", "addopts=-ra --strict-markers"],
+              env=dict(os.environ, PATH=f"{Path(PY).parent}:{os.environ.get('PATH', '')}"),
               timeout=900, log=rig.log)
     record_timing("testinfra_against_vms", time.monotonic() - t0)
     assert out.returncode == 0, tail(out.stdout + out.stderr)
