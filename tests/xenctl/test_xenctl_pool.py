@@ -79,8 +79,14 @@ def test_planned_failover_and_eject(pool3: SimServer) -> None:
     plan = pool_failover(spec.pool, pw, to="host-3", dry_run=True, stats=stats)
     assert plan.changed and "designate host-3" in plan.actions[0]
     assert [m for m in stats.counts if not is_read_only(m) and m != "session.logout"] == []
+    before = connect(spec.pool, pw)  # a session opened on host-1, kept across the move
     res = pool_failover(spec.pool, pw, to="host-3")
     assert res.changed and res.master == "host-3"
+    try:  # its next call meets HOST_IS_SLAVE on host-1 and follows it to host-3
+        assert len(before.call("host.get_all")) == 3
+        assert before.redirects == [pool3.hosts[2].address]
+    finally:
+        before.logout()
     x = connect(spec.pool, pw)  # spec still names host-1: followed to host-3
     try:
         st = pool_status(x)
@@ -88,7 +94,10 @@ def test_planned_failover_and_eject(pool3: SimServer) -> None:
         assert pool_failover(spec.pool, pw, to="host-3").changed is False
         with pytest.raises(PoolError, match="pool master"):
             pool_eject(x, "host-3")
+        calls = x.stats.snapshot()
         assert pool_eject(x, "host-2", dry_run=True).changed
+        new_calls = {m for m, n in x.stats.snapshot().items() if n != calls.get(m, 0)}
+        assert [m for m in new_calls if not is_read_only(m)] == []
         assert len(x.call("host.get_all")) == 3
         res = pool_eject(x, "host-2")
         assert res.changed
