@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape as _escape
 
 from .base import GuestBackend, GuestSpec
 
@@ -63,6 +63,11 @@ LIBVIRT_CHAINS = {
     "mangle": ["LIBVIRT_PRT"],
 }
 _BAD = re.compile(r"[^a-z0-9-]+")
+
+
+def escape(text: str) -> str:
+    """Text for XML content or a quoted attribute (either quote)."""
+    return _escape(text, {"'": "&apos;", '"': "&quot;"})
 
 
 class LibvirtBackendError(RuntimeError):
@@ -395,7 +400,7 @@ def network_xml(name: str, bridge: str, subnet: ipaddress.IPv4Network) -> str:
     hosts = list(subnet.hosts())
     gw, first, last = hosts[0], hosts[9], hosts[-5]
     # No <forward>: an isolated network; libvirt's own iptables rules reject forwarding.
-    return (f"<network><name>{name}</name><bridge name='{bridge}' stp='off' delay='0'/>"
+    return (f"<network><name>{escape(name)}</name><bridge name='{escape(bridge)}' stp='off' delay='0'/>"
             f"<ip address='{gw}' netmask='{subnet.netmask}'><dhcp>"
             f"<range start='{first}' end='{last}'/></dhcp></ip></network>")
 
