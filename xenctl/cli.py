@@ -497,7 +497,9 @@ def _print_up(res: UpResult, t0: float) -> None:
     stored = {str(n["node"]): n for n in res.study.get("nodes", [])}
     for n in res.nodes:
         line = f"{n.name}  {n.ip or '-':<15}  {n.host}"
-        st = next((v for k, v in stored.items() if k.startswith(n.ip + ":")), None) if n.ip else None
+        # transfer labels a node by its name in the workstation's config, else host:port
+        st = stored.get(n.name) or (next((v for k, v in stored.items()
+                                          if k.startswith(n.ip + ":")), None) if n.ip else None)
         if st:
             line += f"  {st['files']} images, {st['bytes'] / 1e6:.0f} MB, {st['mb_per_s']:.0f} MB/s"
         click.echo(line)

@@ -191,3 +191,24 @@ def test_up_and_down_exit_codes_and_failed_phase(sim: SimServer, tmp_path: Path)
     assert fleet_state(sim)["fleet"] == {}
     out = runner.invoke(cli, ["down", "--yes", "--inventory", str(inv)], env=env)
     assert out.exit_code == 0, out.output
+
+
+def test_up_summary_shows_what_each_node_received(capsys: Any) -> None:
+    """The node table after `up` joins transfer's report, which labels nodes by name (or
+    host:port when the workstation's config has no names)."""
+    from xenctl.cli import _print_up
+    from xenctl.nodes import NodeResult
+    from xenctl.up import Phase, UpResult
+
+    res = UpResult(phases=[Phase("study", changed=True, seconds=1.0, detail="360 images")],
+                   nodes=[NodeResult(1, "node-01", ip="10.213.5.11", host="host-1"),
+                          NodeResult(2, "node-02", ip="10.213.5.12", host="host-2")],
+                   study={"nodes": [
+                       {"node": "node-01", "files": 200, "bytes": 160e6, "mb_per_s": 80.0},
+                       {"node": "10.213.5.12:7370", "files": 160, "bytes": 130e6,
+                        "mb_per_s": 70.0}]})
+    _print_up(res, time.monotonic())
+    out = capsys.readouterr().out
+    assert "node-01  10.213.5.11      host-1  200 images, 160 MB, 80 MB/s" in out
+    assert "node-02  10.213.5.12      host-2  160 images, 130 MB, 70 MB/s" in out
+    assert "study      changed" in out
