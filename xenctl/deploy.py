@@ -515,8 +515,10 @@ def _first_failure(lines: list[str]) -> tuple[str, str, str, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m xenctl.deploy wheelhouse|site``: the runner without the rest of xenctl."""
-    ap = argparse.ArgumentParser(prog="python -m xenctl.deploy",
-                                 description="Build the medstream wheelhouse or run site.yml.")
+    ap = argparse.ArgumentParser(
+        prog="python -m xenctl.deploy",
+        description="Build the medstream wheelhouse or run playbooks/site.yml. Exit codes: "
+                    "0 nothing changed, 2 changed, 1 error (one line naming the failed host and task).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("wheelhouse", help="build (or reuse) the wheelhouse; print its path")
     w.add_argument("--out", type=Path, default=None,
@@ -524,10 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--src", type=Path, default=None, help="checkout to build (default: this one)")
     w.add_argument("--json", action="store_true", help="print {path, build_id, built} as JSON")
     s = sub.add_parser("site", help="run playbooks/site.yml against an inventory")
-    s.add_argument("inventory", type=Path)
-    s.add_argument("--ssh-config", type=Path, default=None)
-    s.add_argument("--private-key", type=Path, default=None)
-    s.add_argument("--state-dir", type=Path, default=None)
+    s.add_argument("inventory", type=Path, help="inventory file (e.g. inventory/hosts.yml)")
+    s.add_argument("--ssh-config", type=Path, default=None, help="ssh_config passed to ssh -F")
+    s.add_argument("--private-key", type=Path, default=None, help="SSH key for every host")
+    s.add_argument("--state-dir", type=Path, default=None,
+                   help="PKI, token, wheelhouses and logs (default: $MEDSTREAM_STATE_DIR, "
+                        "else ~/.local/state/medstream)")
     s.add_argument("--vault-password-file", type=Path, default=None,
                    help="opens Vault-encrypted values (e.g. medstream_token)")
     s.add_argument("-e", "--vars-file", type=Path, action="append", default=[],
