@@ -120,3 +120,23 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     assert "no netem" in md and "| network | streaming 1 node |" in md
     assert (out / "table4.png").stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
+
+
+@needs_root
+def test_uploadcpu_diagnostic_on_a_tiny_series(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "uploadcpu.py"), "--slices", "3", "--rows", "32",
+         "--cols", "32", "--nodes", "2", "--repeats", "1", "--malloc", "none,arena1",
+         "--tmp", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-2000:]
+    data = json.loads((out / "uploadcpu.json").read_text())
+    cases = {(c["tls"], c["malloc"]) for c in data["cases"]}
+    assert cases == {(False, "none"), (True, "none"), (False, "arena1"), (True, "arena1")}
+    for c in data["cases"]:
+        assert c["nodes"] == 2 and abs(c["bytes"] - data["config"]["series_mb"] * 1e6) < 1
+        assert c["client_rss_mb"] > 1 and c["client_user_s"] + c["client_sys_s"] > 0
+        assert c["daemon_upload_cpu_s"] >= 0 and c["scan_s"] >= 0
+    assert "MALLOC_ARENA_MAX=1" in (out / "uploadcpu.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
