@@ -428,9 +428,11 @@ def _emergency(spec: PoolSpec, password: Secret, *, to: str | None, dry_run: boo
             raise
     # 2. pick the member to promote
     candidates = [u for u in spec.all_hosts if url_host(u) != url_host(dead_url)]
-    if to:
-        candidates = [u for u in candidates if to in (u, url_host(u))] or \
-            [replace_host(spec.master, url_host(to) if "://" in to else to)]
+    by_address = bool(to) and any(to in (u, url_host(u)) for u in candidates)
+    if to and by_address:
+        candidates = [u for u in candidates if to in (u, url_host(u))]
+    elif to and ("://" in to or to.replace(".", "").isdigit() or ":" in to):
+        candidates = [replace_host(spec.master, url_host(to) if "://" in to else to)]
     for url in candidates:
         try:
             local = _probe(spec, password, url, stats, local=True, timeout=10.0)
@@ -438,6 +440,9 @@ def _emergency(spec: PoolSpec, password: Secret, *, to: str | None, dry_run: boo
             progress(f"{url_host(url)}: cannot log in locally ({exc})")
             continue
         name = url_host(url)
+        if to and not by_address and not _is_host(local, url_host(url), to):
+            local.logout()  # --to names another host (by name_label, hostname or uuid)
+            continue
         result.master = name
         result.actions.append(f"promote {name} (pool.emergency_transition_to_master), "
                               "then pool.recover_slaves")
@@ -465,5 +470,21 @@ def _emergency(spec: PoolSpec, password: Secret, *, to: str | None, dry_run: boo
         finally:
             new.logout()
         return result
+    if to:
+        raise PoolError("HOST_NOT_FOUND", [to],
+                        message=f"no reachable member matches --to {to!r}",
+                        hint="give a member's address, name or uuid as listed by pool status")
     raise PoolError("NO_MEMBER", [], message="no member could be reached to take over",
                     hint="check the members' addresses and the password")
+
+
+def _is_host(local: Xapi, address: str, wanted: str) -> bool:
+    """Whether the host at ``address`` is ``wanted`` (name_label, hostname or uuid), read from
+    its own replica of the pool database (the master is dead)."""
+    try:
+        hosts = local.call("host.get_all_records")
+    except XenctlError:
+        return False
+    return any(h.get("address") == address and wanted in (h.get("name_label"), h.get("hostname"),
+                                                          h.get("uuid"))
+               for h in hosts.values())

@@ -107,7 +107,9 @@ def test_planned_failover_and_eject(pool3: SimServer) -> None:
         x.logout()
 
 
-def test_emergency_failover_restores_control(pool3: SimServer) -> None:
+@pytest.mark.parametrize(("to", "new_master"), [(None, "host-2"), ("host-3", "host-3")])
+def test_emergency_failover_restores_control(pool3: SimServer, to: str | None,
+                                             new_master: str) -> None:
     spec = sim_spec(pool3)
     pw = Secret(pool3.password)
     with pytest.raises(PoolError, match="alive"):
@@ -116,14 +118,15 @@ def test_emergency_failover_restores_control(pool3: SimServer) -> None:
     with pytest.raises(XapiConnectionError, match="failover --emergency"):
         connect(spec.pool, pw)
     runner = CliRunner()
-    out = runner.invoke(cli, [*cli_args(pool3), "pool", "failover", "--emergency", "--yes"],
-                        env=cli_env(pool3))
+    to_args = ["--to", to] if to else []
+    out = runner.invoke(cli, [*cli_args(pool3), "pool", "failover", "--emergency", "--yes",
+                              *to_args], env=cli_env(pool3))
     assert out.exit_code == 2, out.output
     assert "promote" in out.output
     x = connect(spec.pool, pw)  # host-1 is dead: a member answers and points to the new master
     try:
         st = pool_status(x)
-        assert st.master == "host-2"
+        assert st.master == new_master
         live = {h.name: h.live for h in st.hosts}
         assert live == {"host-1": False, "host-2": True, "host-3": True}
         # the pool is usable again: a mutating call goes through

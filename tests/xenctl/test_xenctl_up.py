@@ -17,11 +17,27 @@ import yaml
 from click.testing import CliRunner
 from xenctl_helpers import fleet_state, sim_spec
 
+from transfer.placement import place
 from xapisim import SimServer
 from xenctl.cli import cli
 from xenctl.errors import XenctlError
 from xenctl.spec import Secret
-from xenctl.up import PhaseError, down, up
+from xenctl.up import PhaseError, _on_workstation, down, up
+
+PLACEMENT_SCRIPT = r"""
+set -eu
+d=$(mktemp -d /tmp/placement.XXXXXX)
+trap 'rm -rf "$d"' EXIT
+transfer synth "$d/in" --slices 16 --rows 64 --cols 64 >/dev/null
+transfer upload "$d/in" --no-progress >/dev/null
+transfer get "$d/out" --all >/dev/null
+(cd "$d/in" && find . -type f -name '*.dcm' -exec sha256sum {} + | cut -d' ' -f1 | sort) > "$d/a"
+(cd "$d/out" && find . -type f -name '*.dcm' -exec sha256sum {} + | cut -d' ' -f1 | sort -u) > "$d/b"
+if comm -23 "$d/a" "$d/b" | grep -q .; then echo "BYTES-MISSING"; exit 3; fi
+echo "BYTES-OK $(wc -l < "$d/a")"
+echo LS-JSON
+transfer ls --json
+"""
 
 
 def test_up_sim_runs_the_phases_and_leaves_nothing(tmp_path: Path) -> None:
@@ -104,6 +120,19 @@ def test_up_sim_full_chain_then_second_run_changes_nothing(tmp_path: Path) -> No
         states = {p.name: p for p in first.phases}
         assert all(states[n].changed for n in ("pool", "nodes", "inventory", "deploy"))
         assert "fetched back byte-identical" in states["smoke"].detail
+        # a study from the workstation: every image on the node rendezvous placement chose
+        # (asked of the nodes themselves), and every byte back intact
+        out = _on_workstation(sc.spec, sc.deploy, PLACEMENT_SCRIPT, "placement check", 300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "BYTES-OK 16" in out.stdout, out.stdout
+        held = json.loads(out.stdout.split("LS-JSON", 1)[1])
+        names = [f"node-{i:02d}" for i in range(1, 6)]
+        assert set(held) <= set(names)
+        rows = [(node, r["sop"]) for node, rs in held.items() for r in rs]
+        assert len(rows) >= 16 + 8  # this study and the smoke test's
+        assert len({n for n, _ in rows}) >= 3  # spread over the nodes
+        for node, sop in rows:
+            assert place(sop, names, 1) == [node], (sop, node)
         second = up(sc.spec, sc.password, inventory_path=inv, progress=lambda _m: None,
                     deploy=sc.deploy)
         assert [p.name for p in second.phases if p.changed] == []
