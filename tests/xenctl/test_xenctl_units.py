@@ -210,3 +210,32 @@ def test_replace_host_keeps_scheme_and_port() -> None:
 def test_method_name_from_body() -> None:
     body = xmlrpc.client.dumps(("s", "x"), "Async.VM.clone").encode()
     assert _method_of(body) == "Async.VM.clone"
+
+
+def test_orphans_are_adopted_and_ended_by_pid() -> None:
+    """What xenctl does around ansible-playbook: a child that leaves a detached grandchild
+    (double fork + setsid, like an ssh ControlPersist master) behind; as child subreaper the
+    grandchild becomes ours and end_children kills and reaps exactly it."""
+    import os
+    import subprocess
+    import sys
+
+    from xenctl import procs
+
+    before = procs.children()
+    assert procs.set_subreaper(True)
+    try:
+        script = ("import os, time\n"
+                  "if os.fork() == 0:\n"
+                  "    os.setsid()\n"
+                  "    time.sleep(120)\n"
+                  "    os._exit(0)\n")
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+        adopted = procs.children() - before
+        assert len(adopted) == 1  # the grandchild, reparented to us when its parent exited
+        (pid,) = adopted
+        assert procs.end_children(only=adopted) == 1
+        assert not os.path.exists(f"/proc/{pid}")  # killed and reaped (no zombie)
+    finally:
+        procs.set_subreaper(False)
+    assert procs.children() == before
