@@ -378,8 +378,10 @@ def check_targets(summary: list[dict[str, Any]], flow_cap_frac: float,
     """The issue's targets, evaluated on what was run."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, ok: bool, detail: str) -> None:
-        out.append({"target": name, "met": ok, "detail": detail})
+    def add(name: str, ok: bool, detail: str, tie: bool = False) -> None:
+        # tie: missed on the means, but by less than one standard deviation (noise at 3-5
+        # repeats); reported as such, never counted as met
+        out.append({"target": name, "met": ok, "tie": tie and not ok, "detail": detail})
 
     keys = {(s["profile"], s["regime"], s["payload"]) for s in summary}
     for profile, regime, payload in sorted(keys):
@@ -400,10 +402,13 @@ def check_targets(summary: list[dict[str, Any]], flow_cap_frac: float,
                     a["seconds_mean"] <= b["seconds_mean"] + tol,
                     f"{a['seconds_mean']:.2f} s vs {b['seconds_mean']:.2f} s (sd {tol:.2f})")
             if ftp and ms:
-                best = max(s["goodput_mbit_mean"] for s in ms.values())
-                add(f"{where}: medstream >= FTP in the same run",
-                    best >= ftp["goodput_mbit_mean"],
-                    f"{best:.1f} vs {ftp['goodput_mbit_mean']:.1f} Mbit/s")
+                top = max(ms.values(), key=lambda s: s["goodput_mbit_mean"])
+                best, f = top["goodput_mbit_mean"], ftp["goodput_mbit_mean"]
+                tol = max(top.get("goodput_mbit_sd", 0.0), ftp.get("goodput_mbit_sd", 0.0))
+                add(f"{where}: medstream >= FTP in the same run", best >= f,
+                    f"medstream x{top['nodes']} {best:.4g} ± {top.get('goodput_mbit_sd', 0):.2g} "
+                    f"vs FTP {f:.4g} ± {ftp.get('goodput_mbit_sd', 0):.2g} Mbit/s",
+                    tie=f - best <= tol)
         else:
             cap = link * flow_cap_frac
             for method, per_node in (("medstream-c1", 1), ("medstream", conns)):
@@ -490,7 +495,8 @@ def render_md(data: dict[str, Any]) -> str:
             lines.append("")
     if data["targets"]:
         lines += ["## Targets", ""]
-        lines += [f"- {'met' if t['met'] else '**MISSED**'}: {t['target']} ({t['detail']})"
+        lines += [f"- {'met' if t['met'] else 'tie, within 1 sd' if t.get('tie') else '**MISSED**'}"
+                  f": {t['target']} ({t['detail']})"
                   for t in data["targets"]]
         lines.append("")
     if data["errors"]:

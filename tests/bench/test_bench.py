@@ -67,6 +67,15 @@ def test_targets_are_judged_from_figures() -> None:
     assert got["tanet/shared/compressed: medstream x30 goodput >= 93% of link"] is False
     assert got["tanet/shared/compressed: 30 nodes no slower than 5"] is False
     assert got["tanet/shared/compressed: medstream >= FTP in the same run"] is True
+    # a miss by less than one sd is reported as a tie, and still not as met
+    ftp_faster = [dict(s, goodput_mbit_mean=94.2, goodput_mbit_sd=0.3) if s["method"] == "ftp"
+                  else dict(s, goodput_mbit_sd=0.1) for s in summary]
+    t = next(t for t in check_targets(ftp_faster, 1 / 8, 4) if "FTP" in t["target"])
+    assert t["met"] is False and t["tie"] is True
+    ftp_much_faster = [dict(s, goodput_mbit_mean=99.0) if s["method"] == "ftp" else s
+                       for s in ftp_faster]
+    t = next(t for t in check_targets(ftp_much_faster, 1 / 8, 4) if "FTP" in t["target"])
+    assert t["met"] is False and t["tie"] is False
 
 
 @needs_root
