@@ -22,12 +22,8 @@ test:
 	./scripts/test
 
 # Each module under its own hold of the machine's CPU lock (VMs are exclusive users of the cores).
-VM_LOCK ?= /tmp/ms-cpu.lock
-test-vms: bootstrap
-	./vagrant/host-deps
-	flock $(VM_LOCK) $(BIN)/pytest -m vagrant -p no:cacheprovider tests/vagrant/test_vagrant_rig.py
-	flock $(VM_LOCK) $(BIN)/pytest -m vagrant -p no:cacheprovider tests/vagrant/test_libvirt_backend.py
-	flock $(VM_LOCK) $(BIN)/pytest -m vagrant -p no:cacheprovider tests/vagrant/test_xenctl_libvirt.py
+test-vms:
+	./scripts/test-vms
 
 bench-loopback: bootstrap
 	$(PY) bench/loopback.py
