@@ -4,7 +4,8 @@ The only module of xenctl that imports ``xapisim`` (and, through its lab backend
 Everything it starts is stopped when the context exits, also on Ctrl-C or SIGTERM: the lab hosts
 (network namespaces, sshd), the simulator, Ansible's SSH connection masters (their sockets live in
 the simulator's directory, and each is told to exit), and every file: the inventory, the deploy
-state (PKI, token, logs) and the certificates all live in the simulator's temporary directory,
+state (PKI, token, logs), Ansible's controller temp dir (``ANSIBLE_LOCAL_TEMP``, set while the
+context is open) and the certificates all live in the simulator's temporary directory,
 which is removed. Only the wheelhouse cache (``~/.local/state/medstream/wheelhouse``, keyed by a
 hash of the sources) is kept, so the next run does not rebuild it. While tearing down, further
 SIGINT / SIGTERM are ignored so a second Ctrl-C cannot leave half a lab behind.
@@ -34,6 +35,7 @@ __all__ = ["SimCloud", "sim_cloud"]
 TEMPLATE = "CentOS 7 (medstream node)"
 NETWORK = "Pool-wide network associated with eth0"
 MEMORY_CIDR = "10.213.128.0/17"  # the memory backend's guest addresses
+LOCAL_TEMP_ENV = "ANSIBLE_LOCAL_TEMP"
 
 
 @dataclass
@@ -86,6 +88,7 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
     previous_int = signal.getsignal(signal.SIGINT)
     cp_dir: Path | None = None
     deploy: DeployOptions | None = None
+    saved_env: list[str | None] = []  # [previous value] once the environment was touched
     try:
         sim.start()
         assert sim.workdir is not None
@@ -94,6 +97,10 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
         cp_dir = _control_path_dir(workdir)
         deploy = DeployOptions(state_dir=workdir / "state",
                                extra_vars={"ansible_control_path_dir": str(cp_dir)})
+        # ansible-playbook's own temp dir (an interrupted run cannot clean it): ours too; only
+        # settable through the environment, which the deploy runner passes on
+        saved_env.append(os.environ.get(LOCAL_TEMP_ENV))
+        os.environ[LOCAL_TEMP_ENV] = str(workdir / "ansible-tmp")
         cidr = MEMORY_CIDR
         workstation = ""
         key = None
@@ -131,6 +138,11 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
                 procs.end_children(only=deploy.adopted)
             sim.stop()
         finally:
+            for previous in saved_env:
+                if previous is None:
+                    os.environ.pop(LOCAL_TEMP_ENV, None)
+                else:
+                    os.environ[LOCAL_TEMP_ENV] = previous
             signal.signal(signal.SIGTERM, previous_term)
             signal.signal(signal.SIGINT, _restorable(previous_int))
 

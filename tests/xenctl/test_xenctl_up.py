@@ -246,6 +246,8 @@ def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None
     assert not Path(f"/run/medstream-labnet/{prefix}").exists()
     assert list(tmp.iterdir()) == [] and list(cwd.iterdir()) == []
     assert list(Path("/tmp").glob(f"xenctl-cp-{proc.pid}-*")) == []  # SSH control sockets
+    ansible_tmp = Path.home() / ".ansible" / "tmp"  # ansible's default, not used by --sim
+    assert not [p for p, _ in seen if list(ansible_tmp.glob(f"ansible-local-{p}*"))]
     for d in (p for p in os.listdir("/proc") if p.isdigit()):
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace")
