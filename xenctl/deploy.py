@@ -23,10 +23,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -429,15 +431,24 @@ def _stream(cmd: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path
     except OSError as exc:
         raise DeployError(f"cannot start ansible-playbook: {exc}") from exc
     assert proc.stdout is not None
+    # a silent hang (no output) must end too: the watchdog ends ansible's whole process group,
+    # which closes the pipe and ends the loop below
+    expired = threading.Event()
+
+    def watchdog() -> None:
+        expired.set()
+        _kill_group(proc)
+    timer = threading.Timer(timeout, watchdog)
+    timer.daemon = True
+    timer.start()
     try:
         with log_path.open("w", encoding="utf-8") as log:
             for raw in proc.stdout:
                 line = raw.rstrip("\n")
                 log.write(raw)
                 lines.append(line)
-                if time.monotonic() > deadline:
-                    raise DeployError(f"ansible-playbook ran longer than {timeout:.0f}s "
-                                      f"(last task: {task or '?'})", task=task)
+                if expired.is_set() or time.monotonic() > deadline:
+                    break
                 if (m := _PLAY_RE.match(line)) or line.startswith("PLAY RECAP"):
                     if task:
                         timings.append((task, time.monotonic() - started))
@@ -454,14 +465,34 @@ def _stream(cmd: list[str], *, env: Mapping[str, str], cwd: Path, log_path: Path
                 elif m := _FAIL_RE.match(line):
                     what = "UNREACHABLE" if m.group("kind") == "UNREACHABLE" else "FAILED"
                     say(f"deploy: {what} {m.group('host')}: {_failure_message(m.group('rest'))}")
+        if expired.is_set() or time.monotonic() > deadline:
+            raise DeployError(f"ansible-playbook ran longer than {timeout:.0f}s "
+                              f"(last task: {task or '?'})", task=task,
+                              hint=f"full log: {log_path}")
         rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except BaseException:
-        proc.kill()
-        proc.wait(timeout=30)
+        _kill_group(proc)
         raise
     finally:
+        timer.cancel()
         proc.stdout.close()
     return _Run(rc, lines, timings)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """End ansible-playbook and its workers (its own session: start_new_session), then reap it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:  # reaped: its pid (= the group id) may be reused
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _result(run: _Run, *, t0: float, wheelhouse: Path, log_path: Path) -> DeployResult:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,28 @@ def test_missing_vars_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="variables file .*vault.yml does not exist"):
         run_site(tiny_inventory(tmp_path), state_dir=tmp_path / "s",
                  vars_files=[tmp_path / "vault.yml"])
+
+
+def test_a_silent_hang_is_ended_by_the_timeout(tmp_path: Path) -> None:
+    from xenctl.deploy import Wheelhouse
+
+    play = tmp_path / "hang.yml"
+    marker = tmp_path / "sleeping"
+    play.write_text(yaml.safe_dump([{
+        "name": "Hang without output.", "hosts": "localhost", "connection": "local",
+        "gather_facts": False,
+        "tasks": [{"name": "Sleep far longer than the timeout.",
+                   "ansible.builtin.shell": f"echo $$ > {marker}; exec sleep 300"}]}]))
+    t0 = time.monotonic()
+    with pytest.raises(DeployError, match=r"ran longer than 5s \(last task: Sleep far longer"):
+        run_site(tiny_inventory(tmp_path), state_dir=tmp_path / "s", playbook=play, timeout=5,
+                 wheelhouse=Wheelhouse(tmp_path / "wh", "none", built=False))
+    assert time.monotonic() - t0 < 60
+    # the task's own process went with ansible's process group
+    pid = int(marker.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = Path(f"/proc/{pid}/stat").exists() and \
+        Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    assert not alive
