@@ -583,9 +583,11 @@ def chart(data: dict[str, Any], path: Path) -> None:
                 ax2.text(x + 0.2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
         ax2.set_xticks(list(xs2))
         ax2.set_xticklabels(["stream 1", "stream 5", "stream 30", "FTP"])
+        top = max([PAPER[p][k] for k in keys] + [v for v in ours if not math.isnan(v)])
+        ax2.set_ylim(0, top * 1.3)  # room for the legend above the bars
         ax2.set_ylabel("seconds for 360 slices", fontsize=8)
         ax2.set_title(f"{p}: time for the series, ours vs the paper", fontsize=10)
-        ax2.legend(fontsize=7)
+        ax2.legend(fontsize=7, loc="upper center", ncol=2)
     title = ("medstream vs FTP vs the paper's Table 4 (bars above 100% = zstd delivering more "
              "image bytes than the link carries). " + NO_NETEM + ".")
     fig.suptitle(textwrap.fill(title, 40 * len(profiles) + 20), fontsize=9)
