@@ -223,9 +223,11 @@ def _deploy(inventory: Path, opts: DeployOptions, progress: Progress) -> tuple[b
     try:
         res = run(inventory, ssh_config=opts.ssh_config, private_key=opts.private_key,
                   extra_vars=dict(opts.extra_vars), progress=progress, **kw)
-    except BaseException:
+    except BaseException as exc:
         if adopting:
             procs.end_children(keep)
+        if opts.state_dir is not None and isinstance(exc, Exception):
+            _show_log_tail(opts.state_dir, progress)
         raise
     finally:
         if adopting:
@@ -233,6 +235,20 @@ def _deploy(inventory: Path, opts: DeployOptions, progress: Progress) -> tuple[b
     opts.adopted |= procs.children() - keep
     changed = bool(getattr(res, "changed", True))
     return changed, str(getattr(res, "summary", ""))
+
+
+def _show_log_tail(state_dir: Path, progress: Progress, lines: int = 40) -> None:
+    """A throwaway cloud's deploy log goes with it: show its end before it does."""
+    logs = sorted((state_dir / "logs").glob("site-*.log"))
+    if not logs:
+        return
+    try:
+        tail = logs[-1].read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    progress(f"last {len(tail)} lines of the deploy log (it is removed with the simulated pool):")
+    for line in tail:
+        progress(f"  | {line}")
 
 
 SMOKE_SCRIPT = r"""

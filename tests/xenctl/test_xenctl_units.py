@@ -239,3 +239,18 @@ def test_orphans_are_adopted_and_ended_by_pid() -> None:
     finally:
         procs.set_subreaper(False)
     assert procs.children() == before
+
+
+def test_throwaway_deploy_log_tail_is_shown(tmp_path: Any) -> None:
+    from xenctl.up import _show_log_tail
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "site-20260101-000000.log").write_text("old\n")
+    (logs / "site-20260101-000001.log").write_text("".join(f"line {i}\n" for i in range(60)))
+    got: list[str] = []
+    _show_log_tail(tmp_path, got.append)
+    assert got[0].startswith("last 40 lines of the deploy log")
+    assert got[1:] == [f"  | line {i}" for i in range(20, 60)]
+    _show_log_tail(tmp_path / "nothing", got.append)  # no log: nothing said
+    assert len(got) == 41
