@@ -138,6 +138,14 @@ def cli() -> None:
     "(0.2 s doubling, at most 5 s).",
 )
 @click.option(
+    "--memory-budget",
+    type=click.IntRange(2, 4096),
+    default=32,
+    show_default=True,
+    help="MiB of file data read ahead and in flight at once, shared by all nodes and "
+    "connections (the uploader's memory bound; files go in 1 MiB chunks).",
+)
+@click.option(
     "--allow-other", is_flag=True, help="Also upload non-DICOM files (stored by content hash)."
 )
 @click.option("--no-resume", is_flag=True, help="Do not ask the nodes what they already hold.")
@@ -157,6 +165,7 @@ def upload(
     replicas: int | None,
     connections: int | None,
     retries: int,
+    memory_budget: int,
     allow_other: bool,
     no_resume: bool,
     json_report: str | None,
@@ -189,6 +198,7 @@ def upload(
         protocol=protocol,
         retries=retries,
         resume=not no_resume,
+        budget=memory_budget << 20,
     )
     d = report.as_dict()
     if json_report:

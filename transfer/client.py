@@ -1,8 +1,9 @@
 """The workstation side: upload a study directory to nodes, and list / stat / get from them.
 
 A thin asyncio adapter around :mod:`transfer.protocol`. File reads, hashing, DICOM parsing and
-compression run in worker threads; memory is bounded by the per-connection window of files in
-flight (headers only) and one chunk per connection.
+compression run in worker threads. Memory is bounded by design: file bodies are read in chunks
+into the reusable buffers of one :class:`BufferPool` (a byte budget shared by all nodes and
+connections), framed in place and held until the transport has handed them to the kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from transfer.errors import (
 )
 from transfer.placement import place
 from transfer.protocol import (
+    HEADER_SIZE,
     NEED_DATA,
     Ack,
     BodyEncoder,
@@ -57,15 +59,13 @@ from transfer.protocol import (
 )
 from transfer.storage import safe_name
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # file bodies are read and sent in chunks of this size (one DATA frame each)
 READ_SIZE = 1 << 18
 WINDOW = 16  # files in flight per connection (pipelining, no round trip per file)
-PREFETCH = 2  # files read ahead per connection
-WHOLE_FILE = 4 << 20  # files up to this size are read in one go; larger ones are streamed
+DEFAULT_BUDGET = 32 << 20  # bytes of file bodies read ahead / in flight, across all nodes
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 120.0
 _HIGH_WATER = 4 << 20
-
 
 
 def backoff(failures: int) -> float:
@@ -258,7 +258,9 @@ class NodeSession:
             raise NodeError(f"{a.label}: cannot connect: {exc.strerror or exc}") from None
         except RemoteProtocolError as exc:
             await self.close()
-            hint = "" if self.creds.ssl else " (does the node expect TLS? drop --insecure-plaintext)"
+            hint = (
+                "" if self.creds.ssl else " (does the node expect TLS? drop --insecure-plaintext)"
+            )
             raise NodeError(f"{a.label}: not a medstream answer: {exc}{hint}") from None
         except BaseException:
             await self.close()
@@ -270,7 +272,9 @@ class NodeSession:
             raise NodeError(f"{a.label}: refused: {ev.message}")
         if not isinstance(ev, Welcome):
             await self.close()
-            hint = "" if self.creds.ssl else " (does the node expect TLS? drop --insecure-plaintext)"
+            hint = (
+                "" if self.creds.ssl else " (does the node expect TLS? drop --insecure-plaintext)"
+            )
             raise NodeError(f"{a.label}: no answer to HELLO{hint}")
         self.node_name = ev.node
         self.max_frame = ev.max_frame
@@ -410,6 +414,8 @@ class UploadReport:
     protocol: str
     compression: str
     replicas: int
+    buffer_budget: int = 0  # bytes of file bodies allowed in memory at once (all nodes)
+    buffer_peak: int = 0  # the most that were
 
     @property
     def ok(self) -> bool:
@@ -433,6 +439,7 @@ class UploadReport:
                 "mb_per_s": round(total_bytes / 1e6 / self.seconds, 2) if self.seconds > 0 else 0.0,
             },
             "nodes": [n.as_dict() for n in self.nodes],
+            "memory": {"budget": self.buffer_budget, "peak": self.buffer_peak},
             "failed": self.failed,
             "rejected": self.rejected,
         }
@@ -490,6 +497,7 @@ class _Uploader:
         failed: list[dict[str, str]],
         resume: bool,
         executor: ThreadPoolExecutor,
+        pool: BufferPool | None = None,
     ) -> None:
         self.addr = addr
         self.creds = creds
@@ -505,6 +513,9 @@ class _Uploader:
         self.attempts: dict[str, int] = {}
         self.outstanding = len(files)
         self.last_error = ""
+        self.pool = pool or BufferPool()
+        self.intake_done = True  # False while files may still be added (see add_files)
+        self._more = asyncio.Event()
 
     def _fail(self, lf: LocalFile, reason: str) -> None:
         self.stats.failed += 1
@@ -619,36 +630,92 @@ class _Uploader:
                     return
                 await asyncio.sleep(backoff(failures))
 
-    def _load(self, lf: LocalFile) -> list[bytes] | None:
-        """Read (and compress) a small file whole in one worker-thread call; None if large."""
-        if lf.size > WHOLE_FILE:
-            return None
-        with lf.path.open("rb", buffering=0) as fp:
-            data = fp.read(lf.size + 1)
-        if len(data) != lf.size:
-            raise _FileChanged(f"{lf.name} changed size since it was scanned")
-        if self.compression == "none":
-            return [data] if data else []
-        enc = BodyEncoder(self.compression)
-        out = [enc.encode(data), enc.flush()]
-        return [b for b in out if b]
+    async def _next_file(self) -> LocalFile | None:
+        """The next file to send, waiting for the scan if it may still add some."""
+        while True:
+            if self.queue:
+                return self.queue.popleft()
+            if self.intake_done:
+                return None
+            self._more.clear()
+            await self._more.wait()
 
     async def _session(self, inflight: deque[LocalFile]) -> None:
+        """One connection: a reader task fills pool buffers chunk by chunk (one chunk ahead of
+        the sender); the sender frames them in place and writes them; the ack reader matches
+        ACKs to ``inflight``. Files taken but not started go back to the queue on failure."""
         s = await NodeSession(self.addr, self.creds).open()
         assert s.writer is not None
         writer = s.writer
+        # Hold each buffer until the transport has handed it all to the kernel: drain() then
+        # returns only once nothing is buffered, so the pool really bounds the bytes in flight.
+        writer.transport.set_write_buffer_limits(high=1, low=0)
         window = asyncio.Semaphore(WINDOW)
         loop = asyncio.get_running_loop()
+        pool = self.pool
+        limit = max(1024, min(s.max_frame, pool.chunk))  # never a frame the node would refuse
         drained = asyncio.Event()
         drained.set()
         next_id = 0
-        # Files taken from the queue and being read ahead: (file, future of its chunks).
-        ahead: deque[tuple[LocalFile, asyncio.Future[list[bytes] | None]]] = deque()
+        # Chunks read ahead: (file, pool buffer or None, byte count or error text, last chunk?).
+        chunks: asyncio.Queue[tuple[LocalFile, bytearray | None, int | str, bool]] = asyncio.Queue(
+            maxsize=1
+        )
+        taken: deque[LocalFile] = deque()  # taken from the queue, not yet started on the wire
+        broken: dict[int, str] = {}  # id(file) -> why its body could not be read in full
 
-        def read_ahead() -> None:
-            while len(ahead) < PREFETCH and self.queue:
-                lf = self.queue.popleft()
-                ahead.append((lf, loop.run_in_executor(self.executor, self._load, lf)))
+        async def put(item: tuple[LocalFile, bytearray | None, int | str, bool]) -> None:
+            try:
+                await chunks.put(item)
+            except BaseException:
+                if item[1] is not None:
+                    pool.release(item[1])
+                raise
+
+        async def reader() -> None:
+            while True:
+                lf = await self._next_file()
+                if lf is None:
+                    await put((_END_LF, None, 0, True))
+                    return
+                taken.append(lf)
+                try:
+                    fp = await loop.run_in_executor(self.executor, _open_raw, lf.path)
+                except OSError as exc:
+                    await put((lf, None, f"cannot read: {exc.strerror or exc}", True))
+                    continue
+                try:
+                    got = 0
+                    while True:
+                        buf = await pool.acquire()
+                        try:
+                            n = await loop.run_in_executor(
+                                self.executor, _read_chunk, fp, buf, limit, lf.size - got
+                            )
+                        except BaseException:
+                            pool.release(buf)
+                            raise
+                        short = n < min(limit, lf.size - got)  # a regular file: EOF
+                        got += n
+                        if got > lf.size or short:
+                            pool.release(buf)
+                            await put(
+                                (
+                                    lf,
+                                    None,
+                                    f"cannot read: {lf.name} changed since it was scanned",
+                                    True,
+                                )
+                            )
+                            break
+                        last = got == lf.size
+                        await put((lf, buf, n, last))
+                        if last:
+                            break
+                except OSError as exc:
+                    await put((lf, None, f"cannot read: {exc.strerror or exc}", True))
+                finally:
+                    await loop.run_in_executor(self.executor, fp.close)
 
         async def read_acks() -> None:
             try:
@@ -663,7 +730,11 @@ class _Uploader:
                 ev = await s.next_event()
                 if isinstance(ev, Ack):
                     lf = inflight.popleft()
-                    self._done(lf, ev)
+                    why = broken.pop(id(lf), None)
+                    if why is not None:
+                        self._fail(lf, why)
+                    else:
+                        self._done(lf, ev)
                     window.release()
                     if not inflight:
                         drained.set()
@@ -679,26 +750,92 @@ class _Uploader:
                     raise RemoteProtocolError(f"unexpected {type(ev).__name__}")
 
         acks = asyncio.create_task(read_acks())
+        rd = asyncio.create_task(reader())
+        current: LocalFile | None = None  # the file whose body is being sent
+        enc: BodyEncoder | None = None  # its body encoder (zstd), per connection
+        left = 0  # bytes of its body still to send
         try:
-            read_ahead()
-            while ahead:
-                await window.acquire()
-                if acks.done():
-                    acks.result()
-                    raise NodeError(f"{self.addr.label}: connection ended early")
-                lf, fut = ahead.popleft()
+            while True:
+                get = asyncio.ensure_future(chunks.get())
+                waitset: set[asyncio.Future[Any]] = {get, acks}
+                if not rd.done():
+                    waitset.add(rd)
+                item: tuple[LocalFile, bytearray | None, int | str, bool] | None = None
                 try:
-                    chunks = await fut
-                except (OSError, _FileChanged) as exc:
-                    window.release()
-                    self._fail(lf, f"cannot read: {exc}")
-                    read_ahead()
+                    await asyncio.wait(waitset, return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    get.cancel()
+                    with contextlib.suppress(BaseException):
+                        got = await get  # arrived while cancelling: give its buffer back
+                        if got[1] is not None:
+                            pool.release(got[1])
+                    raise
+                if not get.done():
+                    get.cancel()
+                try:
+                    item = await get  # the item, if it arrived while cancelling
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                if item is None:
+                    if acks.done():
+                        acks.result()
+                        raise NodeError(f"{self.addr.label}: connection ended early")
+                    rd.result()  # raises the reader's error; if it ended, END is queued
                     continue
-                inflight.append(lf)
-                drained.clear()
-                read_ahead()
-                await self._send_file(s.conn, writer, lf, next_id, loop, chunks, s.max_frame)
-                next_id += 1
+                lf, buf, n, last = item
+                if lf is _END_LF:
+                    break
+                if current is None:
+                    # First chunk (or an error) of a new file.
+                    if buf is None and isinstance(n, str):
+                        taken.popleft()
+                        self._fail(lf, n)
+                        continue
+                    await window.acquire()
+                    if acks.done():
+                        if buf is not None:
+                            pool.release(buf)
+                        acks.result()
+                        raise NodeError(f"{self.addr.label}: connection ended early")
+                    taken.popleft()
+                    inflight.append(lf)
+                    drained.clear()
+                    current = lf
+                    self._send_header(s.conn, writer, lf, next_id)
+                    next_id += 1
+                    enc = BodyEncoder(self.compression) if self.compression != "none" else None
+                    left = lf.size
+                if buf is None:
+                    # Read error mid-body: complete the body (zeros, or the end of the zstd
+                    # stream) so the connection stays in step; the node answers with an error
+                    # ACK (digest mismatch), reported with the local reason.
+                    broken[id(lf)] = str(n)
+                    if enc is None:
+                        while left > 0:
+                            pad = min(left, limit)
+                            writer.write(s.conn.send(Data(bytes(pad))))
+                            left -= pad
+                            await writer.drain()
+                    else:
+                        tail = enc.flush()
+                        if tail:
+                            writer.write(s.conn.send(Data(tail)))
+                    writer.write(s.conn.send(EndOfBody()))
+                    current = None
+                    continue
+                assert isinstance(n, int)
+                left -= n
+                try:
+                    await self._send_chunk(s.conn, writer, enc, buf, n, last, limit)
+                finally:
+                    # After a failed write the transport may still hold a view of it: drop it.
+                    pool.release(buf, reuse=not writer.transport.is_closing())
+                if last:
+                    writer.write(s.conn.send(EndOfBody()))
+                    current = None
+                    self.progress.render()
             # All sent: wait for the remaining acks (or the ack reader's failure).
             async with asyncio.timeout(IO_TIMEOUT):
                 waiter = asyncio.create_task(drained.wait())
@@ -710,11 +847,20 @@ class _Uploader:
                     acks.result() if acks.done() else None
                     raise NodeError(f"{self.addr.label}: connection ended early")
         finally:
-            # Read-ahead files go back to the queue (front, in order) for another attempt.
-            for lf, fut in reversed(ahead):
-                fut.cancel()
+            if not rd.done():
+                rd.cancel()
+                with contextlib.suppress(BaseException):
+                    await rd
+            elif not rd.cancelled():
+                rd.exception()
+            while not chunks.empty():
+                _, b, _, _ = chunks.get_nowait()
+                if b is not None:
+                    pool.release(b)
+            # Files taken but not started go back to the queue (front, in order).
+            for lf in reversed(taken):
                 self.queue.appendleft(lf)
-            ahead.clear()
+            taken.clear()
             if not acks.done():
                 acks.cancel()
                 with contextlib.suppress(BaseException):
@@ -723,25 +869,9 @@ class _Uploader:
                 acks.exception()  # retrieved: the caller already has its own error
             await s.close()
 
-    async def _send_file(
-        self,
-        conn: Connection,
-        writer: asyncio.StreamWriter,
-        lf: LocalFile,
-        file_id: int,
-        loop: asyncio.AbstractEventLoop,
-        chunks: list[bytes] | None,
-        max_frame: int,
+    def _send_header(
+        self, conn: Connection, writer: asyncio.StreamWriter, lf: LocalFile, file_id: int
     ) -> None:
-        limit = max(1024, min(max_frame, CHUNK))  # never a frame the node would refuse
-
-        def data_frames(out: bytes) -> None:
-            if len(out) <= limit:
-                writer.write(conn.send(Data(out)))
-                return
-            for off in range(0, len(out), limit):
-                writer.write(conn.send(Data(out[off : off + limit])))
-
         writer.write(
             conn.send(
                 FileHeader(
@@ -757,41 +887,105 @@ class _Uploader:
                 )
             )
         )
-        if chunks is not None:
-            for out in chunks:
-                data_frames(out)
-                self.stats.wire_bytes += len(out)
-                self.progress.sent += len(out)
-            writer.write(conn.send(EndOfBody()))
-            await writer.drain()
-            self.progress.render()
-            return
-        # A large file: stream it chunk by chunk, never whole in memory.
-        enc = BodyEncoder(self.compression)
-        fp = await loop.run_in_executor(self.executor, open, lf.path, "rb")
-        sent = 0
-        try:
 
-            def next_chunk() -> tuple[bytes, bool]:
-                raw = fp.read(CHUNK)
-                if not raw:
-                    return enc.flush(), True
-                return enc.encode(raw), False
+    async def _send_chunk(
+        self,
+        conn: Connection,
+        writer: asyncio.StreamWriter,
+        enc: BodyEncoder | None,
+        buf: bytearray,
+        n: int,
+        last: bool,
+        limit: int,
+    ) -> None:
+        """Send ``n`` bytes read into ``buf[HEADER_SIZE:]`` and wait until the transport has
+        passed them all on, so that ``buf`` can go back to the pool."""
+        if enc is None:
+            if n:
+                writer.write(conn.send_data_in_place(buf, n))
+                self.stats.wire_bytes += n
+                self.progress.sent += n
+        else:
+            body = memoryview(buf)[HEADER_SIZE : HEADER_SIZE + n]
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self.executor, _compress, enc, body, last)
+            for off in range(0, len(out), limit):
+                piece = out[off : off + limit]
+                writer.write(conn.send(Data(piece)))
+            self.stats.wire_bytes += len(out)
+            self.progress.sent += len(out)
+        await writer.drain()
 
-            while True:
-                out, last = await loop.run_in_executor(self.executor, next_chunk)
-                if out:
-                    data_frames(out)
-                    sent += len(out)
-                    self.stats.wire_bytes += len(out)
-                    self.progress.sent += len(out)
-                    await writer.drain()
-                if last:
-                    break
-        finally:
-            await loop.run_in_executor(self.executor, fp.close)
-        writer.write(conn.send(EndOfBody()))
-        self.progress.render()
+
+_END_LF = LocalFile(Path(), "", 0, "", "other")  # the reader's end marker
+
+
+def _open_raw(path: Path) -> Any:
+    return path.open("rb", buffering=0)
+
+
+def _read_chunk(fp: Any, buf: bytearray, limit: int, left: int) -> int:
+    """Fill ``buf[HEADER_SIZE:]`` with up to ``limit`` bytes (one more than ``left`` when the
+    file has grown, so that the caller notices)."""
+    want = min(limit, left) if left > 0 else 1
+    view = memoryview(buf)[HEADER_SIZE : HEADER_SIZE + want]
+    got = 0
+    while got < want:
+        n = fp.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _compress(enc: BodyEncoder, body: memoryview, last: bool) -> bytes:
+    out = enc.encode(bytes(body))
+    return out + enc.flush() if last else out
+
+
+class BufferPool:
+    """The one memory budget of an upload, shared by every node and connection.
+
+    File bodies are read into at most ``budget // chunk`` reusable buffers (each ``chunk``
+    bytes plus room for a DATA frame header); a buffer goes back to the pool only once the
+    transport has handed its bytes to the kernel. Peak use is recorded (``peak``), so that
+    tests and benchmarks can check the bound.
+    """
+
+    def __init__(self, budget: int = DEFAULT_BUDGET, chunk: int = CHUNK) -> None:
+        if chunk < 1024:
+            raise TransferError(f"chunk size {chunk} is too small (at least 1024)")
+        self.chunk = chunk
+        self.slots = max(2, budget // chunk)
+        self.budget = self.slots * chunk
+        self._free: list[bytearray] = []
+        self._sem = asyncio.Semaphore(self.slots)
+        self.in_use = 0
+        self.peak = 0
+        self.allocated = 0
+
+    async def acquire(self) -> bytearray:
+        await self._sem.acquire()
+        self.in_use += 1
+        if self.in_use > self.slots:  # pragma: no cover - the semaphore makes it impossible
+            raise AssertionError("buffer pool over budget")
+        self.peak = max(self.peak, self.in_use)
+        if self._free:
+            return self._free.pop()
+        self.allocated += 1
+        return bytearray(HEADER_SIZE + self.chunk)
+
+    def release(self, buf: bytearray, *, reuse: bool = True) -> None:
+        self.in_use -= 1
+        if reuse:
+            self._free.append(buf)
+        else:
+            self.allocated -= 1
+        self._sem.release()
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak * self.chunk
 
 
 class _FileChanged(TransferError):
@@ -896,7 +1090,11 @@ async def upload_files(
     progress: Progress | None = None,
     rejected: Iterable[tuple[str, str]] = (),
     scan_seconds: float = 0.0,
+    budget: int = DEFAULT_BUDGET,
+    pool: BufferPool | None = None,
 ) -> UploadReport:
+    """Upload ``files`` to ``nodes``. File bodies go through one :class:`BufferPool` of
+    ``budget`` bytes shared by every node and connection (pass ``pool`` to inspect it)."""
     if compression not in ("none", "zstd"):
         raise TransferError(f"unknown compression {compression!r}")
     if protocol not in ("native", "erl3d"):
@@ -909,6 +1107,7 @@ async def upload_files(
     failed: list[dict[str, str]] = []
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(nodes)), thread_name_prefix="upload")
+    pool = pool or BufferPool(budget)
 
     async def ticker() -> None:
         while True:
@@ -943,6 +1142,7 @@ async def upload_files(
                     failed=failed,
                     resume=resume,
                     executor=executor,
+                    pool=pool,
                 ).run()
                 for n, lfs in plan.items()
             ]
@@ -961,6 +1161,8 @@ async def upload_files(
         protocol=protocol,
         compression=compression,
         replicas=replicas,
+        buffer_budget=pool.budget,
+        buffer_peak=pool.peak_bytes,
     )
 
 
@@ -1144,4 +1346,3 @@ async def fetch(
             sorted(written),
         )
     return sorted(written)
-

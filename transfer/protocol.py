@@ -597,6 +597,27 @@ class Connection:
             self.version = event.version
         return _HDR.pack(ftype, len(payload)) + payload
 
+    def send_data_in_place(self, buf: bytearray, n: int) -> memoryview:
+        """Frame ``n`` body bytes already placed at ``buf[HEADER_SIZE:HEADER_SIZE + n]``.
+
+        Writes the DATA header into ``buf[:HEADER_SIZE]`` and returns a view of the whole frame:
+        the same bytes on the wire as ``send(Data(...))``, without copying the body (the
+        uploader reads files straight into reusable buffers laid out this way)."""
+        if n > self.max_frame:
+            raise LocalProtocolError(f"DATA frame of {n} bytes exceeds {self.max_frame}")
+        if len(buf) < HEADER_SIZE + n:
+            raise LocalProtocolError("buffer too small for the frame")
+        view = memoryview(buf)
+        self._transition(
+            # The state machine only looks at the body's length: a view is enough.
+            self.ours,
+            FrameType.DATA,
+            Data(cast(bytes, view[HEADER_SIZE : HEADER_SIZE + n])),
+            LocalProtocolError,
+        )
+        _HDR.pack_into(buf, 0, FrameType.DATA, n)
+        return view[: HEADER_SIZE + n]
+
     def send_error(self, code: str, message: str) -> bytes:
         """A fatal ERROR frame; allowed in any state that has not already ended."""
         payload = _dumps({"code": code, "message": message})[:MAX_CONTROL_FRAME]

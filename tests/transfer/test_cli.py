@@ -96,7 +96,7 @@ def test_upload_ls_stat_get_over_tls(tmp_path: Path, pki_cli: Path) -> None:
     with daemon(tmp_path, tls_args(pki_cli, tmp_path / "root")) as d:
         report = tmp_path / "report.json"
         r = run([*TRANSFER, "upload", str(tmp_path / "series"), *client_args(pki_cli, d.port),
-                 "--json-report", str(report), "--progress"])
+                 "--json-report", str(report), "--progress", "--memory-budget", "3"])
         assert r.returncode == 0, r.stderr
         assert "MB/s" in r.stderr  # the progress bar
         assert "total" in r.stdout
@@ -105,6 +105,7 @@ def test_upload_ls_stat_get_over_tls(tmp_path: Path, pki_cli: Path) -> None:
         node = rep["nodes"][0]
         assert node["files"] == 12 and node["bytes"] == sum(f.stat().st_size for f in files)
         assert node["seconds"] > 0 and node["mb_per_s"] > 0
+        assert rep["memory"]["budget"] == 3 << 20 and 0 < rep["memory"]["peak"] <= 3 << 20
         r = run([*TRANSFER, "ls", *client_args(pki_cli, d.port)])
         assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 12
         sop = r.stdout.split("\t")[3]
