@@ -418,7 +418,7 @@ def check_targets(summary: list[dict[str, Any]], flow_cap_frac: float,
                     want = 0.9 * min(flows * cap, 0.95 * link)
                     add(f"{where}: {method} x{s['nodes']} ({flows} flows) >= 0.9 x "
                         f"min(flows x cap, link)", s["goodput_mbit_mean"] >= want,
-                        f"{s['goodput_mbit_mean']:.1f} vs {want:.1f} Mbit/s")
+                        f"{s['goodput_mbit_mean']:.4g} vs {want:.4g} Mbit/s")
         if profile in ("tanet", "adsl") and payload == "raw":
             for s in sel:
                 if s["method"] == "medstream-zstd":
@@ -621,6 +621,28 @@ def parse_scale(text: str, profiles: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def rerender(out: Path, name: str) -> int:
+    """Recompute summary and targets from the stored runs; rewrite json, md and png."""
+    import json
+
+    path = out / f"{name}.json"
+    if not path.exists():
+        print(f"table4: {path} does not exist", file=sys.stderr)
+        return 2
+    data = json.loads(path.read_text())
+    fields = set(Run.__dataclass_fields__)
+    runs = [Run(**{k: v for k, v in r.items() if k in fields}) for r in data["runs"]]
+    cfg = data["config"]
+    data["summary"] = summarize_runs(runs)
+    data["targets"] = check_targets(data["summary"], cfg["flow_cap_frac"],
+                                    cfg["connections_per_node"])
+    write_json(path, data)
+    (out / f"{name}.md").write_text(render_md(data))
+    chart(data, out / f"{name}.png")
+    print((out / f"{name}.md").read_text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Reproduce the paper's Table 4 on a shaped lab network (needs root). "
@@ -652,7 +674,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--append", action="store_true",
                    help="merge with the runs already in OUT/NAME.json (several invocations with "
                         "different matrices build one table)")
+    p.add_argument("--rerender", action="store_true",
+                   help="measure nothing: re-evaluate the targets and rewrite NAME.md and "
+                        "NAME.png from the runs in OUT/NAME.json (no root needed)")
     a = p.parse_args(argv)
+    if a.rerender:
+        return rerender(a.out, a.name)
     profiles, regimes, payloads = _csv(a.profiles), _csv(a.regimes), _csv(a.payloads)
     methods = _csv(a.methods)
     node_counts = [int(n) for n in _csv(a.nodes)]

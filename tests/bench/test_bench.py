@@ -128,6 +128,14 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     md = (out / "table4.md").read_text()
     assert "no netem" in md and "| network | streaming 1 node |" in md
     assert (out / "table4.png").stat().st_size > 10_000
+    # --rerender rebuilds the same tables from the stored runs, measuring nothing
+    (out / "table4.md").unlink()
+    re = subprocess.run([sys.executable, str(REPO / "bench" / "table4.py"), "--rerender",
+                         "--out", str(out)], capture_output=True, text=True, timeout=120,
+                        check=False)
+    assert re.returncode == 0, re.stderr[-2000:]
+    assert (out / "table4.md").read_text() == md
+    assert json.loads((out / "table4.json").read_text())["runs"] == data["runs"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
 
 
