@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from transfer_helpers import make_series, node_config
 
-from transfer.client import BufferPool, Credentials, fetch, scan, upload_files
+from transfer.client import BufferPool, Credentials, LocalFile, fetch, scan, upload_files
 from transfer.config import NodeAddr
 from transfer.daemon import ServerThread
 
@@ -86,3 +87,47 @@ def test_a_file_that_shrinks_after_the_scan_fails_alone_and_returns_its_buffers(
     assert sorted(failed) == sorted([victim.name, early.name])
     assert all("changed since it was scanned" in r for r in failed.values())
     assert pool.in_use == 0
+
+
+def test_files_are_sent_while_the_scan_is_still_running(
+    tmp_path: Path, plain_node: tuple[ServerThread, NodeAddr]
+) -> None:
+    """The first file must be stored before the feed (the scan) adds the second: if the
+    upload waited for the whole scan, the wait below would time out."""
+    from transfer.client import NodeSession
+
+    _, addr = plain_node
+    make_series(tmp_path / "s", 3, rows=32, cols=32, seed=9)
+    sc = scan(tmp_path / "s")
+    creds = Credentials.plaintext()
+    seen_stored: list[int] = []
+
+    async def feed(add: Callable[[LocalFile], None]) -> None:
+        add(sc.files[0])
+        async with NodeSession(addr, creds) as s:
+            for _ in range(200):  # bounded: at most ~10 s
+                held = await s.call(
+                    "have", items=[{"sop": sc.files[0].sop, "sha256": sc.files[0].sha256}]
+                )
+                if held[0]:
+                    break
+                await asyncio.sleep(0.05)
+            seen_stored.append(int(held[0]))
+        for lf in sc.files[1:]:
+            add(lf)
+
+    rep = asyncio.run(upload_files([], [addr], creds, feed=feed)).as_dict()
+    assert seen_stored == [1]
+    assert rep["ok"] and rep["total"]["files"] == 3  # type: ignore[index]
+    # A re-run through the streaming path sends nothing again (resume checks per batch).
+    again = asyncio.run(upload_files([], [addr], creds, feed=_adder(sc.files))).as_dict()
+    assert again["total"]["files"] == 0 and again["total"]["already"] == 3  # type: ignore[index]
+
+
+def _adder(files: list[LocalFile]) -> Callable[[Callable[[LocalFile], None]], Awaitable[None]]:
+    async def feed(add: Callable[[LocalFile], None]) -> None:
+        for lf in files:
+            add(lf)
+            await asyncio.sleep(0)
+
+    return feed
