@@ -1173,7 +1173,13 @@ async def upload_files(
     failed: list[dict[str, str]] = []
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(nodes)), thread_name_prefix="upload")
-    pool = pool or BufferPool(budget)
+    if pool is None:
+        # Each connection may also hold about one chunk in its transport (a copy, or the TLS
+        # record of it) after its buffer went back to the pool: size chunks so that all
+        # connections together add at most half the budget (64 KiB to 1 MiB).
+        conns = max(1, len(nodes) * max(1, connections_per_node))
+        chunk = max(64 << 10, min(CHUNK, (budget // (2 * conns)) & ~0xFFF))
+        pool = BufferPool(budget, chunk)
 
     async def ticker() -> None:
         while True:
@@ -1258,7 +1264,7 @@ def upload_dir(
     allow_other: bool = False,
     progress_stream: Any = None,
     show_progress: bool = False,
-    scan_workers: int = 2,
+    scan_workers: int = 4,
     **kwargs: Any,
 ) -> UploadReport:
     """Scan ``directory`` and upload it (blocking wrapper for the CLI, demo and benchmarks).
