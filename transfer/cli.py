@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from transfer import client as lib, pki
+from transfer import client as lib
 from transfer.config import ClientConfig, NodeAddr, load_client_config, parse_node
 from transfer.errors import TransferError
 
@@ -319,6 +319,8 @@ def pki_group() -> None:
 @_errors
 def pki_init(directory: str, force: bool, token: bool) -> None:
     """Create a CA (DIR/ca.crt, DIR/ca.key) and a shared token (DIR/token)."""
+    from transfer import pki  # lazy: cryptography costs ~25 ms of every start-up
+
     res = pki.init_ca(directory, force=force)
     click.echo(f"CA: {res.cert}")
     if token:
@@ -343,6 +345,8 @@ def pki_issue(
     directory: str, name: str, ips: tuple[str, ...], dns: tuple[str, ...], client: bool
 ) -> None:
     """Issue a certificate signed by the CA in DIRECTORY."""
+    from transfer import pki
+
     res = pki.issue(directory, name, ips=list(ips), dns=list(dns), client=client)
     click.echo(f"{res.cert}\n{res.key}")
 
