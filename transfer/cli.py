@@ -143,7 +143,7 @@ def cli() -> None:
     default=32,
     show_default=True,
     help="MiB of file data read ahead and in flight at once, shared by all nodes and "
-    "connections (the uploader's memory bound; files go in 1 MiB chunks).",
+    "connections (the uploader's memory bound; files go in chunks of 64 KiB to 1 MiB).",
 )
 @click.option(
     "--allow-other", is_flag=True, help="Also upload non-DICOM files (stored by content hash)."
