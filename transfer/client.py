@@ -705,9 +705,12 @@ class _Uploader:
         s = await NodeSession(self.addr, self.creds).open()
         assert s.writer is not None
         writer = s.writer
-        # Hold each buffer until the transport has handed it all to the kernel: drain() then
-        # returns only once nothing is buffered, so the pool really bounds the bytes in flight.
-        writer.transport.set_write_buffer_limits(high=1, low=0)
+        # Each chunk is copied into the transport when written (asyncio's SSL transport keeps a
+        # reference to what it cannot pass on at once), so its pool buffer is free again at once.
+        # The transport may then hold up to two chunks: enough to keep the socket fed while the
+        # next chunk is read or compressed (draining to empty after every chunk left the link
+        # idle between chunks: 85% of a 100 Mbit/s link instead of 94%), and still bounded.
+        writer.transport.set_write_buffer_limits(high=2 * self.pool.chunk, low=self.pool.chunk)
         window = asyncio.Semaphore(WINDOW)
         loop = asyncio.get_running_loop()
         pool = self.pool
@@ -956,11 +959,12 @@ class _Uploader:
         last: bool,
         limit: int,
     ) -> None:
-        """Send ``n`` bytes read into ``buf[HEADER_SIZE:]`` and wait until the transport has
-        passed them all on, so that ``buf`` can go back to the pool."""
+        """Send ``n`` bytes read into ``buf[HEADER_SIZE:]`` (framed in place, one copy into the
+        transport), then wait while the transport holds more than its high-water mark. ``buf``
+        can go back to the pool as soon as this returns."""
         if enc is None:
             if n:
-                writer.write(conn.send_data_in_place(buf, n))
+                writer.write(bytes(conn.send_data_in_place(buf, n)))
                 self.stats.wire_bytes += n
                 self.progress.sent += n
         else:
