@@ -199,3 +199,32 @@ def test_unreachable_host_is_named(deployed: Deployed, tmp_path: Path) -> None:
     assert str(err).startswith("host ghost is unreachable over SSH")
     assert "Connection refused" in str(err) and "ansible_host" in str(err)
     assert any(p.startswith("deploy: UNREACHABLE ghost: ") for p in progress)
+
+
+def test_new_wheel_upgrades_and_restarts_every_daemon(deployed: Deployed, tmp_path: Path) -> None:
+    """A changed checkout (a new medstream wheel) is installed and every daemon restarted on it;
+    the nodes serve again, and going back to the first wheel works the same way."""
+    import shutil
+
+    from xenctl.deploy import BUILD_FILES, PACKAGES, build_wheelhouse
+
+    d = deployed
+    src = tmp_path / "src"
+    for f in BUILD_FILES:
+        src.mkdir(exist_ok=True)
+        shutil.copy2(REPO / f, src / f)
+    for pkg in PACKAGES:
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    with (src / "transfer" / "__init__.py").open("a") as f:
+        f.write("# a new build for the upgrade test\n")
+    new = build_wheelhouse(d.wheelhouse.path.parent, src=src)
+    assert new.build_id != d.wheelhouse.build_id
+    for wheelhouse in (new, d.wheelhouse):
+        before = {n.name: daemon_state(n) for n in d.nodes}
+        res = run_site(d.inventory, state_dir=d.state, wheelhouse=wheelhouse)
+        assert all(r.failed == 0 for r in res.recap.values()), res.recap
+        for n in d.nodes:
+            pid, starts = daemon_state(n)
+            assert pid != before[n.name][0] and starts == before[n.name][1] + 1, n.name
+        out = ssh(d, f"{CLIENT} ls --json >/dev/null")
+        assert out.returncode == 0, out.stderr
