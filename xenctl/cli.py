@@ -407,10 +407,13 @@ def inventory_cmd(c: Context, path: str, as_list: bool, host: str | None) -> Non
 @click.option("--sim", is_flag=True,
               help="Run on a throwaway simulated pool (xapisim, 3 hosts, a workstation); "
                    "everything is removed when xenctl exits or is interrupted.")
-@click.option("--sim-backend", type=click.Choice(["memory", "lab"]), default="lab",
+@click.option("--sim-backend", type=click.Choice(["memory", "lab", "libvirt"]), default="lab",
               show_default=True,
               help="With --sim: lab = every node is a real lab host (network namespace + sshd; "
-                   "needs root); memory = records only (needs --skip deploy,smoke).")
+                   "needs root); libvirt = every node is a real Debian VM under qemu/libvirt "
+                   "(systemd, its own kernel; needs root and the image from vagrant/build-box; "
+                   "minutes per VM here, see vagrant/README.md); memory = records only (needs "
+                   "--skip deploy,smoke).")
 @click.option("--nodes", type=click.IntRange(0, 1000), help="Node count (default nodes.count; 5 with --sim).")
 @click.option("--skip", default="", metavar="PHASE,...",
               help="Phases to skip: pool, nodes, inventory, deploy, smoke, study.")

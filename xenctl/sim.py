@@ -104,9 +104,9 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
         cidr = MEMORY_CIDR
         workstation = ""
         key = None
-        if backend == "lab":
-            be: Any = sim.backend  # xapisim.backends.lab.LabBackend
-            cidr = str(be.lab.subnet)
+        if backend in ("lab", "libvirt"):
+            be: Any = sim.backend  # xapisim.backends.lab.LabBackend or .libvirt.LibvirtBackend
+            cidr = str(be.lab.subnet) if backend == "lab" else str(be.subnet)
             ws = be.add_extra_host("workstation")
             workstation = str(ws.ip)
             key = be.private_key
@@ -119,7 +119,7 @@ def sim_cloud(nodes: int, *, backend: str = "memory", hosts: int = 3,
             "pool.tls.ca_file": sim.ca_file, "nodes.count": nodes, "nodes.template": TEMPLATE,
             "nodes.network": NETWORK, "nodes.cidr": cidr, "nodes.ssh_private_key": key,
             "workstation.address": workstation or None, "workstation.ssh_private_key": key,
-            "nodes.ip_timeout": 300,
+            "nodes.ip_timeout": 900 if backend == "libvirt" else 300,  # TCG boots take minutes
         })
         yield SimCloud(spec, Secret(sim.password), deploy, sim, workdir)
     finally:
