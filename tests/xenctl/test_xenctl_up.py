@@ -253,3 +253,30 @@ def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None
             cmd = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace")
             assert str(tmp) not in cmd and prefix not in cmd, cmd
             assert f"xenctl-cp-{proc.pid}-" not in cmd, cmd  # an SSH master left running
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_up_sim_30_nodes_end_to_end() -> None:
+    """The README's main command with 30 nodes: pool, 30 lab VMs spread over 3 hosts, Ansible to
+    all of them, smoke test, a study sent to the nodes; then nothing left behind."""
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    out = subprocess.run([sys.executable, "-m", "xenctl.cli", "up", "--sim", "--nodes", "30",
+                          "--study-slices", "90"],
+                         capture_output=True, text=True, timeout=1400, check=False)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(ln.split()[:2] == ["deploy", "changed"] and "32 host(s)" in ln for ln in lines), \
+        out.stdout[-2000:]
+    assert any(ln.split()[:2] == ["smoke", "ok"] for ln in lines), out.stdout[-2000:]
+    assert any(ln.split()[:2] == ["study", "changed"] and "90 images" in ln for ln in lines)
+    table = [ln.split() for ln in lines if ln.startswith("node-")]
+    assert [t[0] for t in table] == [f"node-{i:02d}" for i in range(1, 31)]
+    per_host = [t[2] for t in table]
+    assert sorted(per_host.count(h) for h in set(per_host)) == [10, 10, 10]  # spread
+    # what each node received, as the transfer report says: all 90 images, no node missing out
+    received = sum(int(t[3]) for t in table if len(t) > 3)
+    assert received == 90, table
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert after <= before, after - before
