@@ -181,15 +181,8 @@ def _read_until(proc: subprocess.Popen[str], needle: str, count: int, timeout: f
     raise AssertionError(f"never saw {count}x {needle!r}: {''.join(lines)}")
 
 
-@pytest.mark.parametrize(("needle", "count"), [("cloning", 3), ("starting on", 2),
-                                               ("waiting for IP", 3)])
-def test_killed_mid_scale_then_rerun_converges_without_orphans(
-        make_sim: Any, tmp_path: Path, needle: str, count: int) -> None:
-    sim = make_sim(latency={"delays": {"VM.clone": 0.4, "VM.start_on": 0.6, "guest_ip": 1.0}})
-    from xenctl.pool import pool_create
-    pool_create(sim_spec(sim).pool, Secret(sim.password))
-    baseline = fleet_state(sim)
-    proc = _xenctl_proc(sim, 8, tmp_path)
+def _sigkill_after(proc: subprocess.Popen[str], needle: str, count: int) -> None:
+    """SIGKILL a running xenctl once its output has shown ``needle`` ``count`` times."""
     try:
         _read_until(proc, needle, count, timeout=60)
         proc.send_signal(signal.SIGKILL)
@@ -200,6 +193,17 @@ def test_killed_mid_scale_then_rerun_converges_without_orphans(
             proc.wait(timeout=10)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+@pytest.mark.parametrize(("needle", "count"), [("cloning", 3), ("starting on", 2),
+                                               ("waiting for IP", 3)])
+def test_killed_mid_scale_then_rerun_converges_without_orphans(
+        make_sim: Any, tmp_path: Path, needle: str, count: int) -> None:
+    sim = make_sim(latency={"delays": {"VM.clone": 0.4, "VM.start_on": 0.6, "guest_ip": 1.0}})
+    from xenctl.pool import pool_create
+    pool_create(sim_spec(sim).pool, Secret(sim.password))
+    baseline = fleet_state(sim)
+    _sigkill_after(_xenctl_proc(sim, 8, tmp_path), needle, count)
     killed = fleet_state(sim)
     assert len(killed["fleet"]) + len(killed["strays"]) < 8 or killed["journal"]
     res = scale(sim, 8)
@@ -286,17 +290,7 @@ def test_killed_mid_scale_down_then_rerun_leaves_no_orphan(make_sim: Any, tmp_pa
     pool_create(sim_spec(sim).pool, Secret(sim.password))
     baseline = fleet_state(sim)
     assert not scale(sim, 8).failures
-    proc = _xenctl_proc(sim, 2, tmp_path, "--yes")
-    try:
-        _read_until(proc, "shutting down", 5, timeout=60)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
+    _sigkill_after(_xenctl_proc(sim, 2, tmp_path, "--yes"), "shutting down", 5)
     killed = fleet_state(sim)
     assert 2 < len(killed["fleet"]) < 8  # some removed, some not
     res = scale(sim, 2)
