@@ -891,8 +891,7 @@ class _Uploader:
                 try:
                     await self._send_chunk(s.conn, writer, enc, buf, n, last, limit)
                 finally:
-                    # After a failed write the transport may still hold a view of it: drop it.
-                    pool.release(buf, reuse=not writer.transport.is_closing())
+                    pool.release(buf)  # the transport holds a copy, never a view of buf
                 if last:
                     writer.write(s.conn.send(EndOfBody()))
                     current = None
@@ -1009,9 +1008,9 @@ class BufferPool:
     """The one memory budget of an upload, shared by every node and connection.
 
     File bodies are read into at most ``budget // chunk`` reusable buffers (each ``chunk``
-    bytes plus room for a DATA frame header); a buffer goes back to the pool only once the
-    transport has handed its bytes to the kernel. Peak use is recorded (``peak``), so that
-    tests and benchmarks can check the bound.
+    bytes plus room for a DATA frame header); a buffer goes back to the pool as soon as its
+    frame has been copied into the transport. Peak use is recorded (``peak``), so that tests
+    and benchmarks can check the bound.
     """
 
     def __init__(self, budget: int = DEFAULT_BUDGET, chunk: int = CHUNK) -> None:
@@ -1037,12 +1036,9 @@ class BufferPool:
         self.allocated += 1
         return bytearray(HEADER_SIZE + self.chunk)
 
-    def release(self, buf: bytearray, *, reuse: bool = True) -> None:
+    def release(self, buf: bytearray) -> None:
         self.in_use -= 1
-        if reuse:
-            self._free.append(buf)
-        else:
-            self.allocated -= 1
+        self._free.append(buf)
         self._sem.release()
 
     @property
@@ -1178,9 +1174,10 @@ async def upload_files(
     t0 = time.monotonic()
     executor = ThreadPoolExecutor(max_workers=max(4, 2 * len(nodes)), thread_name_prefix="upload")
     if pool is None:
-        # Each connection may also hold about one chunk in its transport (a copy, or the TLS
-        # record of it) after its buffer went back to the pool: size chunks so that all
-        # connections together add at most half the budget (64 KiB to 1 MiB).
+        # Each connection's transport also holds copies of what it has not sent yet: up to
+        # three chunks (its high-water mark is two, and one more write may land on top). With
+        # chunks of budget / (2 x connections) (64 KiB to 1 MiB), all transports together add
+        # at most 1.5 x the budget.
         conns = max(1, len(nodes) * max(1, connections_per_node))
         chunk = max(64 << 10, min(CHUNK, (budget // (2 * conns)) & ~0xFFF))
         pool = BufferPool(budget, chunk)
