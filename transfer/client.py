@@ -3,7 +3,7 @@
 A thin asyncio adapter around :mod:`transfer.protocol`. File reads, hashing, DICOM parsing and
 compression run in worker threads. Memory is bounded by design: file bodies are read in chunks
 into the reusable buffers of one :class:`BufferPool` (a byte budget shared by all nodes and
-connections), framed in place and held until the transport has handed them to the kernel.
+connections), framed in place and copied into the transport, then reused.
 """
 
 from __future__ import annotations
