@@ -206,15 +206,14 @@ def test_new_wheel_upgrades_and_restarts_every_daemon(deployed: Deployed, tmp_pa
     the nodes serve again, and going back to the first wheel works the same way."""
     import shutil
 
-    from xenctl.deploy import BUILD_FILES, PACKAGES, build_wheelhouse
+    from xenctl.deploy import _source_files, build_wheelhouse
 
     d = deployed
     src = tmp_path / "src"
-    for f in BUILD_FILES:
-        src.mkdir(exist_ok=True)
-        shutil.copy2(REPO / f, src / f)
-    for pkg in PACKAGES:
-        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in _source_files(REPO):  # exactly what a wheel is built from
+        dest = src / f.relative_to(REPO)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
     with (src / "transfer" / "__init__.py").open("a") as f:
         f.write("# a new build for the upgrade test\n")
     new = build_wheelhouse(d.wheelhouse.path.parent, src=src)
