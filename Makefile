@@ -7,7 +7,7 @@ VENV ?= .venv
 PY   := $(VENV)/bin/python
 BIN  := $(VENV)/bin
 
-.PHONY: bootstrap demo test test-vms lint unit bench-loopback clean
+.PHONY: bootstrap demo test test-vms lint bench-loopback clean
 bootstrap:
 	@./scripts/bootstrap
 
