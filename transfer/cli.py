@@ -127,7 +127,15 @@ def cli() -> None:
 @click.option(
     "--connections",
     type=click.IntRange(1, 64),
-    help="Parallel connections per node (default 4 or the config's).",
+    help="Parallel connections per node (default 4 or the config's), lowered when needed to "
+    "keep within --max-connections.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 1024),
+    help="Connections to all nodes together (default 16 or the config's), but at least one per "
+    "node: with many nodes each gets one connection, which fills a link as well and saves "
+    "handshakes and memory.",
 )
 @click.option(
     "--retries",
@@ -164,6 +172,7 @@ def upload(
     zstd: bool,
     replicas: int | None,
     connections: int | None,
+    max_connections: int | None,
     retries: int,
     memory_budget: int,
     allow_other: bool,
@@ -194,6 +203,7 @@ def upload(
         show_progress=sys.stderr.isatty() if progress is None else progress,
         replicas=reps,
         connections_per_node=connections or cfg.connections_per_node,
+        max_connections=max_connections or cfg.max_connections,
         compression="zstd" if zstd else "none",
         protocol=protocol,
         retries=retries,

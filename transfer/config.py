@@ -160,6 +160,7 @@ class ClientConfig:
     ca_file: str = ""
     token_file: str = ""
     connections_per_node: int = 4
+    max_connections: int = 16  # all nodes together; at least one per node
     replicas: int = 1
     nodes: list[NodeAddr] = field(default_factory=list)
     source: str = ""  # which file it came from
@@ -190,7 +191,7 @@ def load_client_config(path: str | os.PathLike[str] | None) -> ClientConfig:
     for key in ("ca_file", "token_file"):
         if key in sect:
             setattr(cfg, key, str(sect[key]))
-    for key in ("connections_per_node", "replicas"):
+    for key in ("connections_per_node", "max_connections", "replicas"):
         if key in sect:
             setattr(cfg, key, _coerce(key, int, sect[key], f"config file {p}"))
     for i, n in enumerate(data.get("nodes", []) or []):

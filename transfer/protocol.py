@@ -31,8 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, Literal, cast
 
-import zstandard
-
 from transfer.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -793,6 +791,13 @@ def choose_version(hello: Hello) -> int | None:
 # ---------------------------------------------------------------------------- body codecs
 
 
+def _zstd() -> Any:
+    """The zstandard module, imported on first use (10 ms of every start-up otherwise)."""
+    import zstandard
+
+    return zstandard
+
+
 class BodyEncoder:
     """Streaming body encoder (identity or zstd level 1). CPU work: call it off the event loop."""
 
@@ -801,7 +806,7 @@ class BodyEncoder:
             raise LocalProtocolError(f"unknown compression {compression!r}")
         self.compression = compression
         self._cobj = (
-            zstandard.ZstdCompressor(level=level).compressobj() if compression == "zstd" else None
+            _zstd().ZstdCompressor(level=level).compressobj() if compression == "zstd" else None
         )
 
     def encode(self, chunk: bytes) -> bytes:
@@ -855,8 +860,11 @@ class BodyDecoder:
         self.compression = compression
         self._sink = _LimitedSink(limit, on_output)
         self._writer: Any = None
+        self._error: type[Exception] = Exception
         if compression == "zstd":
-            dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+            zstd = _zstd()
+            self._error = zstd.ZstdError
+            dctx = zstd.ZstdDecompressor(max_window_size=1 << 27)
             self._writer = dctx.stream_writer(
                 cast(IO[bytes], self._sink), write_size=1 << 18, closefd=False
             )
@@ -871,12 +879,12 @@ class BodyDecoder:
             return
         try:
             self._writer.write(chunk)
-        except zstandard.ZstdError as exc:
+        except self._error as exc:
             raise RemoteProtocolError(f"corrupt zstd body: {exc}", code="bad-body") from None
 
     def finish(self) -> None:
         if self._writer is not None:
             try:
                 self._writer.flush()
-            except zstandard.ZstdError as exc:
+            except self._error as exc:
                 raise RemoteProtocolError(f"corrupt zstd body: {exc}", code="bad-body") from None

@@ -19,6 +19,7 @@ from transfer.client import (
     Credentials,
     NodeSession,
     client_ssl_context,
+    connections_for,
     fetch,
     scan,
     upload_dir,
@@ -129,6 +130,27 @@ def test_placement_spreads_and_zstd(tmp_path: Path, pki_dir: Path, creds: Creden
         assert sorted(hashlib.sha256(v).hexdigest() for v in stored.values()) == sorted(
             hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "s").iterdir()
         )
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_connections_are_capped_across_nodes(
+    tmp_path: Path, pki_dir: Path, creds: Credentials
+) -> None:
+    assert [connections_for(n, 4, 16) for n in (1, 2, 4, 5, 8, 16, 30)] == [4, 4, 4, 3, 2, 1, 1]
+    assert connections_for(3, 64, 1024) == 64  # an explicit --connections within the cap
+    make_series(tmp_path / "s", 12, rows=32, cols=32, seed=2)
+    a, b = two_nodes(tmp_path, pki_dir)
+    try:
+        nodes = [NodeAddr("127.0.0.1", a.port, "n1"), NodeAddr("127.0.0.1", b.port, "n2")]
+        d = upload_dir(
+            tmp_path / "s", nodes, creds, connections_per_node=4, max_connections=2, resume=False
+        ).as_dict()
+        assert d["ok"], d["failed"]
+        assert d["connections_per_node"] == 1
+        for srv in (a, b):  # one upload session each, no resume check
+            assert srv.server is not None and srv.server.served == 1
     finally:
         a.stop()
         b.stop()
@@ -564,7 +586,9 @@ def test_get_survives_a_node_dropping_mid_fetch_by_using_the_other_replica(
         assert a.server is not None
         for p in Path(a.server.store.root).rglob("*.dcm"):
             p.unlink()
-        got = asyncio.run(fetch(nodes, creds, tmp_path / "o", study=inspect_path(files[0]).study_uid))
+        got = asyncio.run(
+            fetch(nodes, creds, tmp_path / "o", study=inspect_path(files[0]).study_uid)
+        )
         assert len(got) == 8
         assert sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in got) == sorted(
             hashlib.sha256(p.read_bytes()).hexdigest() for p in files
