@@ -16,6 +16,11 @@ Methods:
   medstream-tls-zstd-N  TLS + token + zstd bodies
   vsftpd-K           vsftpd (Debian, anonymous upload) <- Python ftplib, K parallel connections
   dcmtk-K            dcmtk storescp --fork (TCP_NODELAY=1, max PDU 128 KiB) <- K storescu processes
+  ceiling-sha256-N   bench/ceiling.py: the least a Python data path with issue 2's integrity
+                     check can do (name, size, body; SHA-256 on both ends; a digest back per
+                     file), into N receiver processes, one connection each; no TLS, fsync,
+                     rename, index or DICOM validation. The bound for medstream on this machine.
+  ceiling-none-N     the same without hashing: what copies and sockets alone cost
 
 Peak RSS of the uploader for a larger series (--rss-slices, default 976 slices = 800 MB) is
 measured once, uploading to 5 TLS nodes.
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,16 +50,20 @@ from bench.common import (  # noqa: E402
     Storescp,
     Transferd,
     Vsftpd,
+    free_port,
+    local_popen,
     machine_info,
     make_pki,
     need_tool,
     run_timed,
     scratch,
     series,
+    stop,
     storescu_argv,
     summarize,
     tail,
     tree_stats,
+    wait_port,
     write_json,
 )
 
@@ -62,7 +72,9 @@ FTPPUT = Path(__file__).resolve().parent / "ftpput.py"
 ALL_METHODS = (
     "medstream-tls-1", "medstream-tls-5", "medstream-plain-1", "medstream-plain-5",
     "medstream-tls-zstd-5", "vsftpd-1", "vsftpd-5", "dcmtk-1", "dcmtk-5",
+    "ceiling-sha256-1", "ceiling-sha256-5", "ceiling-none-5",
 )
+CEILING = Path(__file__).resolve().parent / "ceiling.py"
 
 
 @dataclass
@@ -232,8 +244,35 @@ def _sample(ctx: Ctx, method: str, repeat: int, seconds: float, rss_kb: int, nfi
                   report=report)
 
 
+def run_ceiling(ctx: Ctx, method: str, repeat: int) -> Sample:
+    _, n, flags = _parse(method)
+    hashed = ["--hash"] if "sha256" in flags else []
+    with scratch(ctx.tmp, f"run-{method}") as work:
+        procs: list[Any] = []
+        ports: list[int] = []
+        try:
+            for i in range(n):
+                port = free_port()
+                procs.append(local_popen([PY, str(CEILING), "serve", str(port), str(work / f"n{i}"),
+                                          *hashed], stdin=subprocess.DEVNULL))
+                wait_port("127.0.0.1", port, proc=procs[-1])
+                ports.append(port)
+            argv = [PY, str(CEILING), "send", ",".join(f"127.0.0.1:{p}" for p in ports),
+                    *map(str, ctx.files), *hashed]
+            res = run_timed(argv, timeout=ctx.timeout)
+            if res.returncode != 0:
+                raise BenchError(f"{method}: ceiling sender failed: {tail(res.stderr)}")
+            nfiles, nbytes = tree_stats(work)
+        finally:
+            for proc in procs:
+                stop(proc)
+    return _sample(ctx, method, repeat, res.seconds, res.maxrss_kb, nfiles, nbytes,
+                   json.loads(res.stdout))
+
+
 RUNNERS: dict[str, Callable[[Ctx, str, int], Sample]] = {
     "medstream": run_medstream, "vsftpd": run_vsftpd, "dcmtk": run_dcmtk,
+    "ceiling": run_ceiling,
 }
 
 
@@ -254,6 +293,16 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
             out[f"{ms} / best vsftpd"] = v / best_ftp
         if best_dcm:
             out[f"{ms} / best dcmtk"] = v / best_dcm
+    best_ceiling = max((v for v in (med("ceiling-sha256-1"), med("ceiling-sha256-5")) if v),
+                       default=None)
+    if best_ceiling:
+        for other in ("vsftpd", "dcmtk"):
+            best = best_ftp if other == "vsftpd" else best_dcm
+            if best:
+                out[f"best ceiling-sha256 / best {other}"] = best_ceiling / best
+        for ms in ("medstream-tls-5", "medstream-plain-5"):
+            if med(ms):
+                out[f"{ms} / best ceiling-sha256"] = med(ms) / best_ceiling  # type: ignore[operator]
     for a, b in (("medstream-tls-1", "vsftpd-1"), ("medstream-tls-5", "vsftpd-5"),
                  ("medstream-plain-1", "vsftpd-1"), ("medstream-plain-5", "vsftpd-5"),
                  ("medstream-tls-1", "dcmtk-1"), ("medstream-tls-5", "dcmtk-5"),
@@ -283,7 +332,9 @@ def render_md(data: dict[str, Any]) -> str:
     for m, s in data["summary"].items():
         sec = ("TLS + token" if "tls" in m else
                "plaintext, no auth (insecure, for like-for-like)" if "plain" in m else
-               "plaintext FTP, anonymous" if m.startswith("vsftpd") else "plaintext DICOM")
+               "plaintext FTP, anonymous" if m.startswith("vsftpd") else
+               "plaintext, no auth (bound, not a product)" if m.startswith("ceiling") else
+               "plaintext DICOM")
         if "zstd" in m:
             sec += " + zstd"
         secs = data["seconds"][m]
