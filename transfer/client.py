@@ -381,6 +381,7 @@ class NodeStats:
     already: int = 0  # skipped by the resume check or acked "exists"
     failed: int = 0
     reconnects: int = 0  # connections lost or refused, retried after a backoff
+    connections: int = 0  # the most upload connections open at once (handed-over ones too)
     bytes: int = 0  # payload bytes acknowledged as stored by this node
     wire_bytes: int = 0  # bytes on the wire (after compression)
     started: float = 0.0
@@ -400,6 +401,7 @@ class NodeStats:
             "failed": self.failed,
             "assigned": self.assigned,
             "reconnects": self.reconnects,
+            "connections": self.connections,
             "bytes": self.bytes,
             "wire_bytes": self.wire_bytes,
             "seconds": round(secs, 4),
@@ -486,6 +488,32 @@ class Progress:
         self.stream.flush()
 
 
+class _Handover:
+    """Work-conserving connections across the nodes of one upload.
+
+    Placement is fixed by the hash, so nodes finish at different times (the busiest of 5 nodes
+    holds up to 1.45x its share of a small series). Once every file is known and a node has
+    nothing left to send, each of its connections, as it closes, is handed to the node with the
+    most bytes still queued: the upload keeps its number of connections to the end. Where each
+    connection is capped (a per-flow limit, a long fat path), that keeps the whole rate; under
+    one shared bottleneck it changes nothing but which node the bytes go to."""
+
+    PER_NODE_MAX = 16
+
+    def __init__(self) -> None:
+        self.uploaders: list[_Uploader] = []
+
+    def release(self, done: _Uploader) -> None:
+        best: _Uploader | None = None
+        for u in self.uploaders:
+            if u is done or not u.can_take_connection():
+                continue
+            if best is None or u.queued_bytes() > best.queued_bytes():
+                best = u
+        if best is not None:
+            best.add_connection()
+
+
 class _Uploader:
     """Uploads one node's share over several pipelined connections, with retries."""
 
@@ -503,6 +531,7 @@ class _Uploader:
         resume: bool,
         executor: ThreadPoolExecutor,
         pool: BufferPool | None = None,
+        handover: _Handover | None = None,
     ) -> None:
         self.addr = addr
         self.creds = creds
@@ -524,6 +553,11 @@ class _Uploader:
         self._incoming: deque[LocalFile] = deque()  # added, not yet checked
         self._incoming_evt = asyncio.Event()
         self._intake_closed = False
+        self.handover = handover
+        if handover is not None:
+            handover.uploaders.append(self)
+        self._tg: asyncio.TaskGroup | None = None
+        self._workers = 0  # running upload connections (workers)
         for lf in files:
             self.add(lf)
 
@@ -568,8 +602,10 @@ class _Uploader:
         intake = asyncio.create_task(self._intake())
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 for _ in range(self.connections):
-                    tg.create_task(self._worker())
+                    self.add_connection()
+            self._tg = None
             await intake
             while self.queue:  # every worker gave up
                 self._fail(self.queue.popleft(), f"node unreachable: {self.last_error}")
@@ -653,12 +689,45 @@ class _Uploader:
             self.intake_done = True
             self._more.set()
 
+    def queued_bytes(self) -> int:
+        return sum(lf.size for lf in self.queue)
+
+    def can_take_connection(self) -> bool:
+        """Worth another connection: every file is known, and at least two wait to be sent
+        (one more file goes faster on a connection already open than on a new handshake)."""
+        return (
+            self._tg is not None
+            and self.intake_done
+            and len(self.queue) >= 2
+            and self._workers < _Handover.PER_NODE_MAX
+            and not self.last_error
+        )
+
+    def add_connection(self) -> None:
+        assert self._tg is not None
+        try:
+            self._tg.create_task(self._worker())
+        except RuntimeError:  # the group has finished: nothing left to send here after all
+            return
+        self._workers += 1
+        self.stats.connections = max(self.stats.connections, self._workers)
+
     async def _worker(self) -> None:
+        try:
+            finished = await self._work()
+        finally:
+            self._workers -= 1
+        if finished and self.handover is not None:
+            self.handover.release(self)
+
+    async def _work(self) -> bool:
+        """One connection's life, with reconnects; True if it ended because nothing is left
+        to send (its slot can go to another node), False if it gave up."""
         failures = 0
         while True:
             if not self.queue:
                 if self.intake_done:
-                    return
+                    return True
                 self._more.clear()
                 await self._more.wait()
                 continue
@@ -673,7 +742,7 @@ class _Uploader:
                     self._fail(inflight.popleft(), str(exc))
                 while self.queue:
                     self._fail(self.queue.popleft(), str(exc))
-                return
+                return False
             except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 # Count consecutive failures only: a session that got files acknowledged
@@ -689,7 +758,7 @@ class _Uploader:
                     else:
                         self.queue.appendleft(lf)
                 if failures > self.retries:
-                    return
+                    return False
                 await asyncio.sleep(backoff(failures))
 
     async def _next_file(self) -> LocalFile | None:
@@ -1224,6 +1293,7 @@ async def upload_files(
             stats = list(await asyncio.gather(*coros))
         else:
             keys = {id(n): n.key for n in nodes}
+            handover = _Handover()
             ups = {
                 n: _Uploader(
                     n,
@@ -1237,6 +1307,7 @@ async def upload_files(
                     resume=resume,
                     executor=executor,
                     pool=pool,
+                    handover=handover,
                 )
                 for n, lfs in plan.items()
             }
