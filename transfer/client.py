@@ -63,6 +63,7 @@ from transfer.storage import safe_name
 CHUNK = 1 << 20  # file bodies are read and sent in chunks of this size (one DATA frame each)
 READ_SIZE = 1 << 18
 MAX_CONNECTIONS = 16  # all nodes together (see connections_for)
+HANDOVER_MIN_BYTES = 4 << 20  # queued on a node before a finished node's connection moves there
 WINDOW = 16  # files in flight per connection (pipelining, no round trip per file)
 DEFAULT_BUDGET = 32 << 20  # bytes of file bodies read ahead / in flight, across all nodes
 CONNECT_TIMEOUT = 10.0
@@ -693,12 +694,14 @@ class _Uploader:
         return sum(lf.size for lf in self.queue)
 
     def can_take_connection(self) -> bool:
-        """Worth another connection: every file is known, and at least two wait to be sent
-        (one more file goes faster on a connection already open than on a new handshake)."""
+        """Worth another connection: every file is known, and at least two files and
+        ``HANDOVER_MIN_BYTES`` wait to be sent (less goes faster on the connections already
+        open than through a new handshake)."""
         return (
             self._tg is not None
             and self.intake_done
             and len(self.queue) >= 2
+            and self.queued_bytes() >= HANDOVER_MIN_BYTES
             and self._workers < _Handover.PER_NODE_MAX
             and not self.last_error
         )

@@ -160,21 +160,21 @@ def test_connections_are_capped_across_nodes(
 def test_a_finished_node_hands_its_connection_to_the_busiest(
     tmp_path: Path, pki_dir: Path, creds: Credentials
 ) -> None:
-    # One connection per node; n2 gets one small file, n1 twenty large ones. When n2 is done,
+    # One connection per node; n2 gets one file, n1 sixty (18 MB). When n2 is done,
     # its connection goes to n1, which then uploads over two.
-    make_series(tmp_path / "s", 60, rows=384, cols=384, seed=5)
+    make_series(tmp_path / "s", 150, rows=384, cols=384, seed=5)
     sc = scan(tmp_path / "s")
     a, b = two_nodes(tmp_path, pki_dir)
     try:
         nodes = [NodeAddr("127.0.0.1", a.port, "n1"), NodeAddr("127.0.0.1", b.port, "n2")]
         plan = assign(sc.files, nodes, 1)
-        files = plan[nodes[0]][:20] + plan[nodes[1]][:1]
+        files = plan[nodes[0]][:60] + plan[nodes[1]][:1]
         d = asyncio.run(
             upload_files(files, nodes, creds, connections_per_node=1, resume=False)
         ).as_dict()
         assert d["ok"], d["failed"]
         n1, n2 = d["nodes"]
-        assert (n1["files"], n2["files"]) == (20, 1)
+        assert (n1["files"], n2["files"]) == (60, 1)
         assert n2["connections"] == 1 and n1["connections"] == 2
         assert a.server is not None and a.server.served == 2
         assert b.server is not None and b.server.served == 1
