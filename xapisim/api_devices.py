@@ -56,19 +56,29 @@ def vif_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
     elif not _MAC.match(mac):
         raise errors.failure("MAC_INVALID", mac)
     rec.setdefault("locking_mode", "network_default")
-    rec["currently_attached"] = False
-    vif = db.create("VIF", allowed_operations=["attach"], **rec)
-    m.notify()
-    return vif
+    return _create_device(m, ctx, "VIF", rec)
 
 
 @implements("VIF.destroy")
 def vif_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
+    return _destroy_device(m, ctx, "VIF", self)
+
+
+def _create_device(m: XapiModel, ctx: Ctx, cls: str, rec: dict[str, Any]) -> str:
+    """A new VIF or VBD: detached, attachable."""
+    rec["currently_attached"] = False
+    ref = ctx.db.create(cls, allowed_operations=["attach"], **rec)
+    m.notify()
+    return ref
+
+
+def _destroy_device(m: XapiModel, ctx: Ctx, cls: str, ref: str) -> str:
+    """Destroy a VIF or VBD; refused while attached to a running VM (as xapi does)."""
     db = ctx.db
-    rec = db.get("VIF", self)
+    rec = db.get(cls, ref)
     if rec["currently_attached"] and db.get("VM", rec["VM"])["power_state"] == "Running":
-        raise errors.failure("OPERATION_NOT_ALLOWED", "VIF is currently attached")
-    db.destroy("VIF", self)
+        raise errors.failure("OPERATION_NOT_ALLOWED", f"{cls} is currently attached")
+    db.destroy(cls, ref)
     m.notify()
     return ""
 
@@ -89,23 +99,12 @@ def vbd_create(m: XapiModel, ctx: Ctx, args: dict[str, Any]) -> str:
     _device_number(rec["userdevice"])
     if rec["userdevice"] in used:
         raise errors.failure("DEVICE_ALREADY_EXISTS", rec["userdevice"])
-    if rec["type"] == "CD" and rec["VDI"] != NULL and db.get("VDI", rec["VDI"])["type"] not in ("user",):
-        pass
-    rec["currently_attached"] = False
-    vbd = db.create("VBD", allowed_operations=["attach"], **rec)
-    m.notify()
-    return vbd
+    return _create_device(m, ctx, "VBD", rec)
 
 
 @implements("VBD.destroy")
 def vbd_destroy(m: XapiModel, ctx: Ctx, self: str) -> str:
-    db = ctx.db
-    rec = db.get("VBD", self)
-    if rec["currently_attached"] and db.get("VM", rec["VM"])["power_state"] == "Running":
-        raise errors.failure("OPERATION_NOT_ALLOWED", "VBD is currently attached")
-    db.destroy("VBD", self)
-    m.notify()
-    return ""
+    return _destroy_device(m, ctx, "VBD", self)
 
 
 @implements("VDI.create")

@@ -275,6 +275,9 @@ def test_devices_and_storage_accounting(xapi: Any) -> None:
     assert sorted(x.VM.get_VBDs(vm)) == sorted([x.VM.get_VBDs(vm)[0], vbd]) or vbd in x.VM.get_VBDs(vm)
     x.VM.start(vm, False, False)
     assert failure(x.VDI.destroy, vdi) == ["VDI_IN_USE", vdi, "destroy"]
+    assert failure(x.VBD.destroy, vbd) == ["OPERATION_NOT_ALLOWED", "VBD is currently attached"]
+    vif = x.VM.get_VIFs(vm)[0]
+    assert failure(x.VIF.destroy, vif) == ["OPERATION_NOT_ALLOWED", "VIF is currently attached"]
     x.VM.hard_shutdown(vm)
     x.VBD.destroy(vbd)
     x.VDI.destroy(vdi)
