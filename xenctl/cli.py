@@ -177,11 +177,7 @@ def pool_create_cmd(c: Context, name: str | None, members: str | None, dry_run: 
         spec = c.spec(**{"pool.name": name, "pool.members": members})
         res = pool_create(spec.pool, c.password(), dry_run=dry_run, progress=c.say,
                           stats=c.stats, join_timeout=timeout)
-        for a in res.actions:
-            click.echo(("would " if dry_run else "") + a)
-        if not res.actions:
-            click.echo(f"pool already formed (master {res.master}); nothing to do")
-        return EXIT_CHANGED if res.changed and not dry_run else EXIT_OK
+        return _pool_outcome(res, dry_run, f"pool already formed (master {res.master}); nothing to do")
     _run(go)
 
 
@@ -208,6 +204,16 @@ def pool_status_cmd(c: Context, output: str) -> None:
             click.echo("\n".join(st.render()))
         return EXIT_OK
     _run(go)
+
+
+def _pool_outcome(res: Any, dry_run: bool, nothing: str) -> int:
+    """Print a pool command's actions ("would ..." in a dry run), or ``nothing`` when there
+    were none; the exit code: changed (only when something really changed) or ok."""
+    for a in res.actions:
+        click.echo(("would " if dry_run else "") + a)
+    if not res.actions:
+        click.echo(nothing)
+    return EXIT_CHANGED if res.changed and not dry_run else EXIT_OK
 
 
 def _confirm(yes: bool, what: str) -> None:
@@ -248,11 +254,7 @@ def pool_failover_cmd(c: Context, to: str | None, emergency: bool, dry_run: bool
             _confirm(yes, "this moves the pool master role" + (" in emergency mode" if emergency else ""))
         res = pool_failover(spec.pool, c.password(), to=to, emergency=emergency, dry_run=dry_run,
                             progress=c.say, stats=c.stats, timeout=timeout)
-        for a in res.actions:
-            click.echo(("would " if dry_run else "") + a)
-        if not res.actions:
-            click.echo(f"{res.master} is already the master; nothing to do")
-        return EXIT_CHANGED if res.changed and not dry_run else EXIT_OK
+        return _pool_outcome(res, dry_run, f"{res.master} is already the master; nothing to do")
     _run(go)
 
 
@@ -276,11 +278,7 @@ def pool_eject_cmd(c: Context, host: str, dry_run: bool, yes: bool) -> None:
             res = pool_eject(x, host, dry_run=dry_run, progress=c.say)
         finally:
             x.logout()
-        for a in res.actions:
-            click.echo(("would " if dry_run else "") + a)
-        if not res.actions:
-            click.echo(f"{host} is not in the pool; nothing to do")
-        return EXIT_CHANGED if res.changed and not dry_run else EXIT_OK
+        return _pool_outcome(res, dry_run, f"{host} is not in the pool; nothing to do")
     _run(go)
 
 
