@@ -553,6 +553,8 @@ class _Uploader:
         self._more = asyncio.Event()  # set when self.queue grows or the intake ends
         self._incoming: deque[LocalFile] = deque()  # added, not yet checked
         self._incoming_evt = asyncio.Event()
+        self._checking = 0  # files in the resume check right now
+        self._started = 0  # files whose upload began, over all connections
         self._intake_closed = False
         self.handover = handover
         if handover is not None:
@@ -592,6 +594,7 @@ class _Uploader:
         self.outstanding += 1
         self._incoming.append(lf)
         self._incoming_evt.set()
+        self._more.set()  # idle connections open now, while the resume check runs
 
     def close_intake(self) -> None:
         """No more files will be added."""
@@ -643,6 +646,7 @@ class _Uploader:
                     self._more.set()
                     continue
                 batch = [self._incoming.popleft() for _ in range(min(5000, len(self._incoming)))]
+                self._checking = len(batch)
                 try:
                     if session is None:
                         session = await NodeSession(self.addr, self.creds).open()
@@ -674,6 +678,8 @@ class _Uploader:
                         await asyncio.sleep(backoff(failures))
                     self._incoming.extendleft(reversed(batch))
                     continue
+                finally:
+                    self._checking = 0
                 failures = 0
                 for lf, has in zip(batch, present, strict=True):
                     if has:
@@ -727,15 +733,22 @@ class _Uploader:
         """One connection's life, with reconnects; True if it ended because nothing is left
         to send (its slot can go to another node), False if it gave up."""
         failures = 0
+        eager = True
         while True:
-            if not self.queue:
+            # The first connection opens as soon as files are assigned to this node, not once
+            # the resume check (``have``) has queued them: its handshake overlaps the scan and
+            # that check, so the first byte goes out a handshake and a round trip earlier.
+            if not self.queue and not (eager and (self._incoming or self._checking)):
                 if self.intake_done:
                     return True
                 self._more.clear()
                 await self._more.wait()
                 continue
+            ahead = eager and not self.queue  # connecting ahead of any queued file
+            eager = False
             inflight: deque[LocalFile] = deque()
             done_before = self.outstanding
+            started_before = self._started
             try:
                 await self._session(inflight)
                 failures = 0
@@ -747,6 +760,11 @@ class _Uploader:
                     self._fail(self.queue.popleft(), str(exc))
                 return False
             except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
+                if ahead and self._started == started_before:
+                    # Opened ahead and lost before it carried a file (a long resume check can
+                    # outlast the node's idle timeout): no failure; the next connection opens
+                    # once files are queued, and counts.
+                    continue
                 self.last_error = str(exc) or type(exc).__name__
                 # Count consecutive failures only: a session that got files acknowledged
                 # before it dropped starts the backoff afresh.
@@ -938,6 +956,7 @@ class _Uploader:
                         raise NodeError(f"{self.addr.label}: connection ended early")
                     taken.popleft()
                     inflight.append(lf)
+                    self._started += 1
                     drained.clear()
                     current = lf
                     self._send_header(s.conn, writer, lf, next_id)

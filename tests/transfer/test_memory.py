@@ -131,3 +131,36 @@ def _adder(files: list[LocalFile]) -> Callable[[Callable[[LocalFile], None]], Aw
             await asyncio.sleep(0)
 
     return feed
+
+
+def test_an_early_connection_dropped_while_idle_is_not_a_failure(tmp_path: Path) -> None:
+    """Upload connections open as soon as files are assigned, ahead of the resume check. Here
+    that check finds the first files stored already, the scan then pauses past the node's idle
+    timeout (the node drops the idle connection), and new files follow: with no retries
+    allowed, they must still be stored, over a connection opened once they are queued."""
+    srv = ServerThread(node_config(tmp_path / "n", None, idle_timeout=0.5)).start()
+    try:
+        addr = NodeAddr("127.0.0.1", srv.port, "n")
+        creds = Credentials.plaintext()
+        make_series(tmp_path / "s", 6, rows=32, cols=32, seed=11)
+        sc = scan(tmp_path / "s")
+        first = asyncio.run(upload_files(sc.files[:3], [addr], creds)).as_dict()
+        assert first["ok"] and first["total"]["files"] == 3  # type: ignore[index]
+
+        async def feed(add: Callable[[LocalFile], None]) -> None:
+            for lf in sc.files[:3]:
+                add(lf)
+            await asyncio.sleep(1.5)  # longer than the node's idle timeout
+            for lf in sc.files[3:]:
+                add(lf)
+
+        served = srv.server.served if srv.server else 0
+        rep = asyncio.run(
+            upload_files([], [addr], creds, feed=feed, retries=0, connections_per_node=1)
+        ).as_dict()
+        assert rep["ok"], rep["failed"]
+        assert rep["total"]["files"] == 3 and rep["total"]["already"] == 3  # type: ignore[index]
+        # the resume check, the early connection (dropped while idle) and the one that sent
+        assert srv.server is not None and srv.server.served - served == 3
+    finally:
+        srv.stop()
