@@ -735,9 +735,10 @@ class _Uploader:
         failures = 0
         eager = True
         while True:
-            # The first connection opens as soon as files are assigned to this node, not once
-            # the resume check (``have``) has queued them: its handshake overlaps the scan and
-            # that check, so the first byte goes out a handshake and a round trip earlier.
+            # Each worker's first connection opens as soon as files are assigned to this node,
+            # not once the resume check (``have``) has queued them: the handshakes overlap the
+            # scan and that check, so the first byte goes out a handshake and a round trip
+            # earlier. (A re-run that finds everything stored pays those handshakes for nothing.)
             if not self.queue and not (eager and (self._incoming or self._checking)):
                 if self.intake_done:
                     return True
