@@ -505,14 +505,9 @@ class _Handover:
         self.uploaders: list[_Uploader] = []
 
     def release(self, done: _Uploader) -> None:
-        best: _Uploader | None = None
-        for u in self.uploaders:
-            if u is done or not u.can_take_connection():
-                continue
-            if best is None or u.queued_bytes() > best.queued_bytes():
-                best = u
-        if best is not None:
-            best.add_connection()
+        takers = [u for u in self.uploaders if u is not done and u.can_take_connection()]
+        if takers:
+            max(takers, key=_Uploader.queued_bytes).add_connection()
 
 
 class _Uploader:
@@ -1140,10 +1135,6 @@ class BufferPool:
     @property
     def peak_bytes(self) -> int:
         return self.peak * self.chunk
-
-
-class _FileChanged(TransferError):
-    pass
 
 
 async def _erl3d_upload(
