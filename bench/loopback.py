@@ -296,13 +296,12 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
     best_ceiling = max((v for v in (med("ceiling-sha256-1"), med("ceiling-sha256-5")) if v),
                        default=None)
     if best_ceiling:
-        for other in ("vsftpd", "dcmtk"):
-            best = best_ftp if other == "vsftpd" else best_dcm
+        for other, best in (("vsftpd", best_ftp), ("dcmtk", best_dcm)):
             if best:
                 out[f"best ceiling-sha256 / best {other}"] = best_ceiling / best
         for ms in ("medstream-tls-5", "medstream-plain-5"):
-            if med(ms):
-                out[f"{ms} / best ceiling-sha256"] = med(ms) / best_ceiling  # type: ignore[operator]
+            if v := med(ms):
+                out[f"{ms} / best ceiling-sha256"] = v / best_ceiling
     for a, b in (("medstream-tls-1", "vsftpd-1"), ("medstream-tls-5", "vsftpd-5"),
                  ("medstream-plain-1", "vsftpd-1"), ("medstream-plain-5", "vsftpd-5"),
                  ("medstream-tls-1", "dcmtk-1"), ("medstream-tls-5", "dcmtk-5"),

@@ -639,6 +639,12 @@ def parse_scale(text: str, profiles: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def runs_from_json(data: dict[str, Any]) -> list[Run]:
+    """The runs stored in a table4 JSON file (fields this version does not know are dropped)."""
+    fields = set(Run.__dataclass_fields__)
+    return [Run(**{k: v for k, v in r.items() if k in fields}) for r in data["runs"]]
+
+
 def rerender(out: Path, name: str) -> int:
     """Recompute summary and targets from the stored runs; rewrite json, md and png."""
     import json
@@ -648,8 +654,7 @@ def rerender(out: Path, name: str) -> int:
         print(f"table4: {path} does not exist", file=sys.stderr)
         return 2
     data = json.loads(path.read_text())
-    fields = set(Run.__dataclass_fields__)
-    runs = [Run(**{k: v for k, v in r.items() if k in fields}) for r in data["runs"]]
+    runs = runs_from_json(data)
     cfg = data["config"]
     data["summary"] = summarize_runs(runs)
     data["targets"] = check_targets(data["summary"], cfg["flow_cap_frac"],
@@ -772,9 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import json
 
         prev = json.loads(prev_path.read_text())
-        fields = set(Run.__dataclass_fields__)
-        old_runs = [Run(**{k: v for k, v in r.items() if k in fields}) for r in prev["runs"]]
-        runs = old_runs + runs
+        runs = runs_from_json(prev) + runs
         errors = prev.get("errors", []) + errors
         shapes = prev.get("shapes", []) + shapes
         commands = prev.get("commands", [prev.get("command", "")]) + commands
