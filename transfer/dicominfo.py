@@ -110,7 +110,8 @@ def inspect_path(path: str | os.PathLike[str], *, quick: bool = False) -> DicomI
 
 
 # ---------------------------------------------------------------------------- the quick walk
-# Little endian transfer syntaxes whose data set is explicit VR (every encapsulated one is).
+# Transfer syntaxes: every one but these two is little endian with an explicit VR data set
+# (every encapsulated one included); deflated and big endian go to pydicom.
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())

@@ -860,7 +860,7 @@ class BodyDecoder:
         self.compression = compression
         self._sink = _LimitedSink(limit, on_output)
         self._writer: Any = None
-        self._error: type[Exception] = Exception
+        self._error: type[Exception] | tuple[()] = ()  # zstd's error, once zstd is in use
         if compression == "zstd":
             zstd = _zstd()
             self._error = zstd.ZstdError
