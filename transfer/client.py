@@ -63,8 +63,19 @@ from transfer.storage import safe_name
 CHUNK = 1 << 20  # file bodies are read and sent in chunks of this size (one DATA frame each)
 READ_SIZE = 1 << 18
 MAX_CONNECTIONS = 16  # all nodes together (see connections_for)
-HANDOVER_MIN_BYTES = 4 << 20  # queued on a node before a finished node's connection moves there
+# Queued on a node (and at least one whole file) before a finished node's connection moves there.
+# One file is enough where each connection is capped (a per-flow limit: a 220 KB slice takes 140 ms
+# on an eighth of 100 Mbit/s, a handshake a few); the floor keeps tiny files from paying a
+# handshake each. (At 4 MiB, measured: the hand-over never fired on 36-slice runs.)
+HANDOVER_MIN_BYTES = 256 << 10
 WINDOW = 16  # files in flight per connection (pipelining, no round trip per file)
+# A connection takes its next file from the node's queue only while what it holds unacknowledged
+# (taken, buffered, on the wire, being verified) is below COMMIT_MIN or COMMIT_HORIZON seconds
+# at the rate it has achieved. Files left in the queue can still go to whichever connection
+# frees up first, including one handed over by a finished node. (With only WINDOW as the bound,
+# a connection capped at 12.5 Mbit/s took 2 MiB, 1.3 s of sending, at its first reads.)
+COMMIT_MIN = 256 << 10
+COMMIT_HORIZON = 0.05
 DEFAULT_BUDGET = 32 << 20  # bytes of file bodies read ahead / in flight, across all nodes
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 120.0
@@ -695,13 +706,13 @@ class _Uploader:
         return sum(lf.size for lf in self.queue)
 
     def can_take_connection(self) -> bool:
-        """Worth another connection: every file is known, and at least two files and
-        ``HANDOVER_MIN_BYTES`` wait to be sent (less goes faster on the connections already
-        open than through a new handshake)."""
+        """Worth another connection: every file is known, and a whole file and at least
+        ``HANDOVER_MIN_BYTES`` wait to be sent, so that the new connection starts one at once
+        (less would go as fast on the connections already open as through a new handshake)."""
         return (
             self._tg is not None
             and self.intake_done
-            and len(self.queue) >= 2
+            and bool(self.queue)
             and self.queued_bytes() >= HANDOVER_MIN_BYTES
             and self._workers < _Handover.PER_NODE_MAX
             and not self.last_error
@@ -814,6 +825,21 @@ class _Uploader:
         )
         taken: deque[LocalFile] = deque()  # taken from the queue, not yet started on the wire
         broken: dict[int, str] = {}  # id(file) -> why its body could not be read in full
+        acked = asyncio.Event()  # set by every ACK: the reader may take another file
+        acked_bytes = 0
+        first_sent = 0.0
+
+        def committed() -> int:
+            return sum(lf.size for lf in taken) + sum(lf.size for lf in inflight)
+
+        async def room() -> None:
+            """Wait until this connection may take another file (see COMMIT_HORIZON)."""
+            while taken or inflight:
+                rate = acked_bytes / max(1e-3, time.monotonic() - first_sent) if first_sent else 0
+                if committed() < max(COMMIT_MIN, rate * COMMIT_HORIZON):
+                    return
+                acked.clear()
+                await acked.wait()
 
         async def put(item: tuple[LocalFile, bytearray | None, int | str, bool]) -> None:
             try:
@@ -825,6 +851,7 @@ class _Uploader:
 
         async def reader() -> None:
             while True:
+                await room()
                 lf = await self._next_file()
                 if lf is None:
                     await put((_END_LF, None, 0, True))
@@ -877,10 +904,13 @@ class _Uploader:
                     window.release()
 
         async def ack_loop() -> None:
+            nonlocal acked_bytes
             while True:
                 ev = await s.next_event()
                 if isinstance(ev, Ack):
                     lf = inflight.popleft()
+                    acked_bytes += lf.size
+                    acked.set()
                     why = broken.pop(id(lf), None)
                     if why is not None:
                         self._fail(lf, why)
@@ -953,6 +983,8 @@ class _Uploader:
                     taken.popleft()
                     inflight.append(lf)
                     self._started += 1
+                    if not first_sent:
+                        first_sent = time.monotonic()
                     drained.clear()
                     current = lf
                     self._send_header(s.conn, writer, lf, next_id)

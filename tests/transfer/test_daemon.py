@@ -11,6 +11,7 @@ import ssl
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transfer_helpers import copy_testfile, make_series, node_config, pydicom_sample, write_ct
@@ -181,6 +182,41 @@ def test_a_finished_node_hands_its_connection_to_the_busiest(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_connection_takes_a_file_only_when_it_can_send_it_soon(
+    node: tuple[ServerThread, NodeAddr],
+    creds: Credentials,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A connection commits to no more than it can send soon (COMMIT_HORIZON at the rate it has
+    # achieved, at least COMMIT_MIN), so that the rest stays in the node's queue for whichever
+    # connection frees up first, or is handed over. With the floor at one byte and no horizon,
+    # one file at a time: each FILE goes out only after the previous one's ACK. Without the
+    # bound, the window (WINDOW files) lets the headers run ahead of the acks.
+    import transfer.client as client
+
+    monkeypatch.setattr(client, "COMMIT_MIN", 1)
+    monkeypatch.setattr(client, "COMMIT_HORIZON", 0.0)
+    events: list[str] = []
+    send_header, done = client._Uploader._send_header, client._Uploader._done
+
+    def header(self: client._Uploader, *a: Any) -> None:
+        events.append("FILE")
+        send_header(self, *a)
+
+    def acked(self: client._Uploader, *a: Any) -> None:
+        events.append("ACK")
+        done(self, *a)
+
+    monkeypatch.setattr(client._Uploader, "_send_header", header)
+    monkeypatch.setattr(client._Uploader, "_done", acked)
+    make_series(tmp_path / "s", 8, rows=64, cols=64, seed=6)
+    _, addr = node
+    d = upload_dir(tmp_path / "s", [addr], creds, connections_per_node=1, resume=False)
+    assert d.ok, d.failed
+    assert events == ["FILE", "ACK"] * 8
 
 
 def test_wrong_token_wrong_ca_and_plaintext_are_refused(
