@@ -560,6 +560,10 @@ class _Uploader:
         self._incoming: deque[LocalFile] = deque()  # added, not yet checked
         self._incoming_evt = asyncio.Event()
         self._checking = 0  # files in the resume check right now
+        # Resume checks (``have`` requests) waiting for an upload connection to carry them.
+        self._checks: deque[tuple[list[dict[str, str]], asyncio.Future[Response]]] = deque()
+        self._workers_gone = False  # every upload connection has ended: no check can be sent
+        self._auth_failed = False
         self._started = 0  # files whose upload began, over all connections
         self._intake_closed = False
         self.handover = handover
@@ -616,6 +620,8 @@ class _Uploader:
                 for _ in range(self.connections):
                     self.add_connection()
             self._tg = None
+            self._workers_gone = True
+            self._fail_checks()
             await intake
             while self.queue:  # every worker gave up
                 self._fail(self.queue.popleft(), f"node unreachable: {self.last_error}")
@@ -629,16 +635,18 @@ class _Uploader:
 
     async def _intake(self) -> None:
         """Move added files to the send queue. With resume, ask the node (``have``) first, in
-        batches of whatever arrived meanwhile, so that sending starts with the first files."""
-        session: NodeSession | None = None
+        batches of whatever arrived meanwhile, so that sending starts with the first files.
+        The question rides on this node's first free upload connection, ahead of its files: it
+        costs no connection and handshake of its own (at 30 nodes, 30 of 60)."""
         failures = 0
         check = self.resume
         auth: str = ""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self._incoming:
                     if self._intake_closed:
-                        return
+                        break
                     self._incoming_evt.clear()
                     await self._incoming_evt.wait()
                     continue
@@ -646,25 +654,33 @@ class _Uploader:
                     while self._incoming:
                         self._fail(self._incoming.popleft(), auth)
                     continue
-                if not check:
+                if not check or self._workers_gone:
                     self.queue.extend(self._incoming)
                     self._incoming.clear()
                     self._more.set()
                     continue
                 batch = [self._incoming.popleft() for _ in range(min(5000, len(self._incoming)))]
                 self._checking = len(batch)
-                try:
-                    if session is None:
-                        session = await NodeSession(self.addr, self.creds).open()
-                    present: list[bool] = await session.call(
-                        "have",
-                        items=[
+                asked: asyncio.Future[Response] = loop.create_future()
+                self._checks.append(
+                    (
+                        [
                             {"sop": lf.sop, "sha256": lf.sha256}
                             if lf.kind == "dicom"
                             else {"sha256": lf.sha256}
                             for lf in batch
                         ],
+                        asked,
                     )
+                )
+                self._more.set()
+                try:
+                    resp = await asked
+                    if not resp.ok:
+                        raise NodeError(f"{self.addr.label}: have: {resp.error}")
+                    present = resp.result
+                    if not isinstance(present, list) or len(present) != len(batch):
+                        raise NodeError(f"{self.addr.label}: have: malformed answer")
                 except AuthError as exc:
                     self.last_error = auth = str(exc)
                     for lf in batch:
@@ -674,9 +690,6 @@ class _Uploader:
                     continue
                 except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
                     self.last_error = str(exc) or type(exc).__name__
-                    if session is not None:
-                        await session.close()
-                        session = None
                     failures += 1
                     if failures > self.retries:
                         check = False  # the workers will retry and report
@@ -697,10 +710,18 @@ class _Uploader:
                         self.queue.append(lf)
                 self._more.set()
         finally:
-            if session is not None:
-                await session.close()
             self.intake_done = True
             self._more.set()
+
+    def _fail_checks(self) -> None:
+        """No connection is left to carry the waiting resume checks: fail them."""
+        while self._checks:
+            _, fut = self._checks.popleft()
+            if not fut.done():
+                err = self.last_error or "no connection"
+                fut.set_exception(
+                    AuthError(err) if self._auth_failed else NodeError(f"{self.addr.label}: {err}")
+                )
 
     def queued_bytes(self) -> int:
         return sum(lf.size for lf in self.queue)
@@ -732,6 +753,8 @@ class _Uploader:
             finished = await self._work()
         finally:
             self._workers -= 1
+            if not self._workers:
+                self._fail_checks()
         if finished and self.handover is not None:
             self.handover.release(self)
 
@@ -745,7 +768,11 @@ class _Uploader:
             # not once the resume check (``have``) has queued them: the handshakes overlap the
             # scan and that check, so the first byte goes out a handshake and a round trip
             # earlier. (A re-run that finds everything stored pays those handshakes for nothing.)
-            if not self.queue and not (eager and (self._incoming or self._checking)):
+            if (
+                not self.queue
+                and not self._checks
+                and not (eager and (self._incoming or self._checking))
+            ):
                 if self.intake_done:
                     return True
                 self._more.clear()
@@ -761,6 +788,7 @@ class _Uploader:
                 failures = 0
             except AuthError as exc:
                 self.last_error = str(exc)
+                self._auth_failed = True
                 while inflight:
                     self._fail(inflight.popleft(), str(exc))
                 while self.queue:
@@ -789,9 +817,14 @@ class _Uploader:
                     return False
                 await asyncio.sleep(backoff(failures))
 
-    async def _next_file(self) -> LocalFile | None:
-        """The next file to send, waiting for the scan if it may still add some."""
+    async def _next_item(
+        self,
+    ) -> LocalFile | tuple[list[dict[str, str]], asyncio.Future[Response]] | None:
+        """A resume check to carry, else the next file to send, waiting for the scan if it
+        may still add some."""
         while True:
+            if self._checks:
+                return self._checks.popleft()
             if self.queue:
                 return self.queue.popleft()
             if self.intake_done:
@@ -824,6 +857,9 @@ class _Uploader:
             maxsize=1
         )
         taken: deque[LocalFile] = deque()  # taken from the queue, not yet started on the wire
+        checks: deque[tuple[list[dict[str, str]], asyncio.Future[Response]]] = deque()  # to send
+        asked: deque[asyncio.Future[Response]] = deque()  # resume checks sent, not answered
+        next_req = 0
         broken: dict[int, str] = {}  # id(file) -> why its body could not be read in full
         acked = asyncio.Event()  # set by every ACK: the reader may take another file
         acked_bytes = 0
@@ -852,10 +888,15 @@ class _Uploader:
         async def reader() -> None:
             while True:
                 await room()
-                lf = await self._next_file()
-                if lf is None:
+                item = await self._next_item()
+                if item is None:
                     await put((_END_LF, None, 0, True))
                     return
+                if isinstance(item, tuple):  # a resume check, sent between two files
+                    checks.append(item)
+                    await put((_CHECK_LF, None, 0, True))
+                    continue
+                lf = item
                 taken.append(lf)
                 try:
                     fp = await loop.run_in_executor(self.executor, _open_raw, lf.path)
@@ -907,7 +948,11 @@ class _Uploader:
             nonlocal acked_bytes
             while True:
                 ev = await s.next_event()
-                if isinstance(ev, Ack):
+                if isinstance(ev, Response) and asked:
+                    fut = asked.popleft()
+                    if not fut.done():
+                        fut.set_result(ev)
+                elif isinstance(ev, Ack):
                     lf = inflight.popleft()
                     acked_bytes += lf.size
                     acked.set()
@@ -968,6 +1013,12 @@ class _Uploader:
                 lf, buf, n, last = item
                 if lf is _END_LF:
                     break
+                if lf is _CHECK_LF:
+                    want, fut = checks.popleft()
+                    next_req += 1
+                    writer.write(s.conn.send(Request(next_req, "have", {"items": want})))
+                    asked.append(fut)
+                    continue
                 if current is None:
                     # First chunk (or an error) of a new file.
                     if buf is None and isinstance(n, str):
@@ -1040,10 +1091,19 @@ class _Uploader:
                 _, b, _, _ = chunks.get_nowait()
                 if b is not None:
                     pool.release(b)
-            # Files taken but not started go back to the queue (front, in order).
+            # Files taken but not started go back to the queue (front, in order), and resume
+            # checks not sent to the node's checks; those sent and not answered fail (the
+            # intake asks again).
             for lf in reversed(taken):
                 self.queue.appendleft(lf)
             taken.clear()
+            if checks:
+                self._checks.extendleft(reversed(checks))
+                self._more.set()
+            while asked:
+                fut = asked.popleft()
+                if not fut.done():
+                    fut.set_exception(NodeError(f"{self.addr.label}: connection lost"))
             if not acks.done():
                 acks.cancel()
                 with contextlib.suppress(BaseException):
@@ -1102,6 +1162,7 @@ class _Uploader:
 
 
 _END_LF = LocalFile(Path(), "", 0, "", "other")  # the reader's end marker
+_CHECK_LF = LocalFile(Path(), "", 0, "", "other")  # the reader's "send a resume check" marker
 
 
 def _open_raw(path: Path) -> Any:

@@ -125,8 +125,9 @@ def test_placement_spreads_and_zstd(tmp_path: Path, pki_dir: Path, creds: Creden
         counts = [n["files"] for n in d["nodes"]]
         assert sum(counts) == 40 and min(counts) >= 10  # rendezvous hashing spreads
         assert all(n["wire_bytes"] < n["bytes"] for n in d["nodes"])  # 12-bit noise compresses
-        for srv in (a, b):  # several connections per node: 3 upload sessions + 1 resume check
-            assert srv.server is not None and srv.server.served == 4
+        # Several connections per node: 3 upload sessions, and the resume check rides on one.
+        for srv in (a, b):
+            assert srv.server is not None and srv.server.served == 3
             assert srv.server.peak_active >= 2
         stored = {**files_under(tmp_path / "n1"), **files_under(tmp_path / "n2")}
         assert sorted(hashlib.sha256(v).hexdigest() for v in stored.values()) == sorted(
