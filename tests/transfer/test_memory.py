@@ -165,3 +165,77 @@ def test_an_early_connection_dropped_while_idle_is_not_a_failure(tmp_path: Path)
         assert srv.server is not None and srv.server.served - served == 2
     finally:
         srv.stop()
+
+
+def test_a_resume_check_lost_with_its_connection_is_asked_again(tmp_path: Path) -> None:
+    """The resume check rides on an upload connection. A node (here a minimal one, written
+    with the protocol's own state machine) that drops the connection carrying the first check
+    before answering gets asked again on the next: every file is still sent, once."""
+    from transfer.protocol import (
+        NEED_DATA,
+        Ack,
+        Connection,
+        ConnectionClosed,
+        Data,
+        EndOfBody,
+        FileHeader,
+        Hello,
+        Request,
+        Response,
+        Role,
+        Welcome,
+    )
+
+    make_series(tmp_path / "s", 4, rows=32, cols=32, seed=12)
+    files = scan(tmp_path / "s").files
+    seen = {"connections": 0, "checks": 0}
+    stored: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen["connections"] += 1
+        conn = Connection(Role.SERVER)
+        digest = hashlib.sha256()
+        file_id = -1
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                conn.receive_data(data)
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    if isinstance(ev, Hello):
+                        writer.write(conn.send(Welcome(node="fake")))
+                    elif isinstance(ev, Request):
+                        seen["checks"] += 1
+                        if seen["checks"] == 1:
+                            return  # dropped before the answer
+                        want = ev.args["items"]
+                        writer.write(conn.send(Response(ev.req_id, True, [False] * len(want))))
+                    elif isinstance(ev, FileHeader):
+                        digest, file_id = hashlib.sha256(), ev.file_id
+                        stored.append(ev.sop_uid)
+                    elif isinstance(ev, Data):
+                        digest.update(ev.data)
+                    elif isinstance(ev, EndOfBody):
+                        writer.write(conn.send(Ack(file_id, "stored", digest.hexdigest())))
+                    elif isinstance(ev, ConnectionClosed):
+                        return
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def main() -> dict[str, object]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, asyncio.timeout(30):
+            rep = await upload_files(
+                files,
+                [NodeAddr("127.0.0.1", port, "n")],
+                Credentials.plaintext(),
+                connections_per_node=1,
+            )
+        return rep.as_dict()
+
+    rep = asyncio.run(main())
+    assert rep["ok"], rep["failed"]
+    assert rep["total"]["files"] == 4 and rep["total"]["already"] == 0  # type: ignore[index]
+    assert seen["checks"] == 2 and seen["connections"] >= 2
+    assert sorted(stored) == sorted(lf.sop for lf in files)
