@@ -1463,7 +1463,7 @@ def upload_dir(
     allow_other: bool = False,
     progress_stream: Any = None,
     show_progress: bool = False,
-    scan_workers: int = 4,
+    scan_workers: int = 1,
     **kwargs: Any,
 ) -> UploadReport:
     """Scan ``directory`` and upload it (blocking wrapper for the CLI, demo and benchmarks).
@@ -1471,7 +1471,13 @@ def upload_dir(
     With the native protocol the scan streams: each file is sent as soon as it is validated
     and hashed (a bounded look-ahead of files being described), so the scan overlaps the
     transfer. The report's ``seconds`` then covers both, and ``scan_seconds`` is how long the
-    scan ran."""
+    scan ran.
+
+    One scan thread by default: the header walk is Python and holds the GIL, so more threads
+    scan no faster but keep the event loop waiting for the GIL, and every handshake, frame and
+    ACK with it. Measured with 4 threads vs 1: the first FILE went out 31-38 ms vs 15-16 ms after
+    the start (loopback), and a 1 Gbit/s link carried 92.2% vs 94.3% (raw CT, 1 node) and 57% vs
+    68% (compressed CT, 30 nodes). One thread still scans 90 compressed slices in 60 ms."""
     t0 = time.monotonic()
     if kwargs.get("protocol", "native") != "native":
         sc = scan(directory, allow_other=allow_other)
