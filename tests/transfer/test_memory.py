@@ -13,6 +13,20 @@ from transfer_helpers import make_series, node_config
 from transfer.client import BufferPool, Credentials, LocalFile, fetch, scan, upload_files
 from transfer.config import NodeAddr
 from transfer.daemon import ServerThread
+from transfer.protocol import (
+    NEED_DATA,
+    Ack,
+    Connection,
+    ConnectionClosed,
+    Data,
+    EndOfBody,
+    FileHeader,
+    Hello,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -171,21 +185,6 @@ def test_a_resume_check_lost_with_its_connection_is_asked_again(tmp_path: Path) 
     """The resume check rides on an upload connection. A node (here a minimal one, written
     with the protocol's own state machine) that drops the connection carrying the first check
     before answering gets asked again on the next: every file is still sent, once."""
-    from transfer.protocol import (
-        NEED_DATA,
-        Ack,
-        Connection,
-        ConnectionClosed,
-        Data,
-        EndOfBody,
-        FileHeader,
-        Hello,
-        Request,
-        Response,
-        Role,
-        Welcome,
-    )
-
     make_series(tmp_path / "s", 4, rows=32, cols=32, seed=12)
     files = scan(tmp_path / "s").files
     seen = {"connections": 0, "checks": 0}
