@@ -191,6 +191,7 @@ def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None
     cwd = tmp_path / "cwd"
     tmp.mkdir()
     cwd.mkdir()
+    started = time.time()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XENCTL_", "XENSERVER_"))}
     env.update({"TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
     args = ["--nodes", "2", "--study-slices", "0"] if sig == signal.SIGINT else \
@@ -246,8 +247,14 @@ def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None
     assert not Path(f"/run/medstream-labnet/{prefix}").exists()
     assert list(tmp.iterdir()) == [] and list(cwd.iterdir()) == []
     assert list(Path("/tmp").glob(f"xenctl-cp-{proc.pid}-*")) == []  # SSH control sockets
-    ansible_tmp = Path.home() / ".ansible" / "tmp"  # ansible's default, not used by --sim
-    assert not [p for p, _ in seen if list(ansible_tmp.glob(f"ansible-local-{p}*"))]
+    # ansible's default local temp, not used by --sim: ansible-local-<pid> + mkdtemp's 8 random
+    # characters. Matched on the exact PID and on this test's time: PIDs are reused, and a bare
+    # prefix glob took an old ansible-local-20023... for this run's PID 2002.
+    ansible_tmp = Path.home() / ".ansible" / "tmp"
+    pids = {str(p) for p, _ in seen}
+    left = [d.name for d in ansible_tmp.glob("ansible-local-*")
+            if d.name[len("ansible-local-"):-8] in pids and d.stat().st_mtime >= started - 1]
+    assert not left, left
     for d in (p for p in os.listdir("/proc") if p.isdigit()):
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace")
