@@ -500,6 +500,10 @@ class Progress:
         self.stream.flush()
 
 
+# A resume check waiting to be carried: the ``have`` items, and the future for the node's answer.
+_Check = tuple[list[dict[str, str]], asyncio.Future[Response]]
+
+
 class _Handover:
     """Work-conserving connections across the nodes of one upload.
 
@@ -561,7 +565,7 @@ class _Uploader:
         self._incoming_evt = asyncio.Event()
         self._checking = 0  # files in the resume check right now
         # Resume checks (``have`` requests) waiting for an upload connection to carry them.
-        self._checks: deque[tuple[list[dict[str, str]], asyncio.Future[Response]]] = deque()
+        self._checks: deque[_Check] = deque()
         self._workers_gone = False  # every upload connection has ended: no check can be sent
         self._auth_failed = False
         self._started = 0  # files whose upload began, over all connections
@@ -688,7 +692,7 @@ class _Uploader:
                     while self.queue:
                         self._fail(self.queue.popleft(), auth)
                     continue
-                except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
+                except TransferError as exc:  # lost with its connection, or refused
                     self.last_error = str(exc) or type(exc).__name__
                     failures += 1
                     if failures > self.retries:
@@ -819,7 +823,7 @@ class _Uploader:
 
     async def _next_item(
         self,
-    ) -> LocalFile | tuple[list[dict[str, str]], asyncio.Future[Response]] | None:
+    ) -> LocalFile | _Check | None:
         """A resume check to carry, else the next file to send, waiting for the scan if it
         may still add some."""
         while True:
@@ -857,7 +861,7 @@ class _Uploader:
             maxsize=1
         )
         taken: deque[LocalFile] = deque()  # taken from the queue, not yet started on the wire
-        checks: deque[tuple[list[dict[str, str]], asyncio.Future[Response]]] = deque()  # to send
+        checks: deque[_Check] = deque()  # taken by the reader, not yet sent
         asked: deque[asyncio.Future[Response]] = deque()  # resume checks sent, not answered
         next_req = 0
         broken: dict[int, str] = {}  # id(file) -> why its body could not be read in full
