@@ -1,0 +1,151 @@
+"""How the uploader opens its connections: a few at a time across all nodes, and not at all
+once the files they were opened for have gone on other connections."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from transfer_helpers import make_series
+
+from transfer import client
+from transfer.client import Credentials, Progress, scan, upload_files
+from transfer.config import NodeAddr
+from transfer.protocol import (
+    NEED_DATA,
+    Ack,
+    Connection,
+    ConnectionClosed,
+    Data,
+    EndOfBody,
+    FileHeader,
+    Hello,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
+
+
+class SlowWelcomeNode:
+    """A minimal node (the protocol's own state machine) that answers HELLO after ``delay``
+    seconds and counts, across every instance sharing ``seen``, the connections accepted and
+    not yet welcomed."""
+
+    def __init__(self, seen: dict[str, int], stored: list[str], delay: float) -> None:
+        self.seen, self.stored, self.delay = seen, stored, delay
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = self.seen
+        seen["accepted"] += 1
+        seen["opening"] += 1
+        seen["most_opening"] = max(seen["most_opening"], seen["opening"])
+        welcomed = False
+        conn = Connection(Role.SERVER)
+        digest, file_id = hashlib.sha256(), -1
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                conn.receive_data(data)
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    if isinstance(ev, Hello):
+                        await asyncio.sleep(self.delay)
+                        seen["opening"] -= 1
+                        welcomed = True
+                        writer.write(conn.send(Welcome(node="fake")))
+                    elif isinstance(ev, Request):
+                        want = ev.args["items"]
+                        writer.write(conn.send(Response(ev.req_id, True, [False] * len(want))))
+                    elif isinstance(ev, FileHeader):
+                        digest, file_id = hashlib.sha256(), ev.file_id
+                        self.stored.append(ev.sop_uid)
+                    elif isinstance(ev, Data):
+                        digest.update(ev.data)
+                    elif isinstance(ev, EndOfBody):
+                        writer.write(conn.send(Ack(file_id, "stored", digest.hexdigest())))
+                    elif isinstance(ev, ConnectionClosed):
+                        return
+                await writer.drain()
+        finally:
+            if not welcomed:
+                seen["opening"] -= 1
+            writer.close()
+
+
+def test_connections_open_a_few_at_a_time_across_all_nodes(tmp_path: Path) -> None:
+    """Six nodes, two connections each: twelve handshakes wanted at once, but never more than
+    OPENING_MAX are under way together, and every file still arrives once."""
+    make_series(tmp_path / "s", 24, rows=32, cols=32, seed=21)
+    files = scan(tmp_path / "s").files
+    seen = {"accepted": 0, "opening": 0, "most_opening": 0}
+    stored: list[str] = []
+
+    async def main() -> dict[str, object]:
+        servers = [
+            await asyncio.start_server(SlowWelcomeNode(seen, stored, 0.05).handle, "127.0.0.1", 0)
+            for _ in range(6)
+        ]
+        nodes = [
+            NodeAddr("127.0.0.1", s.sockets[0].getsockname()[1], f"n{i}")
+            for i, s in enumerate(servers)
+        ]
+        try:
+            async with asyncio.timeout(30):
+                rep = await upload_files(
+                    files, nodes, Credentials.plaintext(), connections_per_node=2
+                )
+        finally:
+            for s in servers:
+                s.close()
+        return rep.as_dict()
+
+    rep = asyncio.run(main())
+    assert rep["ok"], rep["failed"]
+    assert sorted(stored) == sorted(lf.sop for lf in files)
+    assert seen["accepted"] >= 6  # every node got at least one connection
+    assert seen["most_opening"] == client.OPENING_MAX
+
+
+def test_a_connection_no_longer_wanted_when_its_turn_comes_is_not_opened(
+    tmp_path: Path,
+) -> None:
+    """A connection waiting for its turn to open (here: the only turn is held) whose files have
+    meanwhile gone on other connections gives its turn up without connecting."""
+    make_series(tmp_path / "s", 1, rows=32, cols=32, seed=22)
+    files = scan(tmp_path / "s").files
+    seen = {"accepted": 0, "opening": 0, "most_opening": 0}
+
+    async def main() -> tuple[object, int]:
+        server = await asyncio.start_server(SlowWelcomeNode(seen, [], 0.0).handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        gate = asyncio.Semaphore(1)
+        wanted = [True]
+        with ThreadPoolExecutor(1) as ex:
+            up = client._Uploader(
+                NodeAddr("127.0.0.1", port, "n"),
+                files,
+                Credentials.plaintext(),
+                connections=1,
+                compression="none",
+                retries=0,
+                progress=Progress(1, files[0].size, enabled=False),
+                failed=[],
+                resume=False,
+                executor=ex,
+                opening=gate,
+            )
+            async with server, asyncio.timeout(10):
+                await gate.acquire()  # another connection is being opened
+                task = asyncio.create_task(up._open(lambda: wanted[0]))
+                await asyncio.sleep(0.05)
+                assert not task.done() and seen["accepted"] == 0  # waits its turn
+                wanted[0] = False  # meanwhile its files went elsewhere
+                gate.release()
+                got = await task
+                await asyncio.sleep(0.05)  # a connection, had one been made, is accepted now
+                return got, seen["accepted"]
+
+    got, accepted = asyncio.run(main())
+    assert got is None and accepted == 0
