@@ -38,6 +38,7 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -718,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from labnet import Lab
 
+    # SIGTERM unwinds like Ctrl-C, so that the lab (namespaces, links, daemons) and the work
+    # directory are torn down rather than left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"table4: {NO_NETEM}", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.monotonic()
@@ -819,4 +823,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("table4: interrupted; the lab and the work directory were removed, no results "
+              "written", file=sys.stderr)
+        sys.exit(130)
