@@ -266,6 +266,24 @@ def test_mutual_tls(tmp_path: Path, pki_dir: Path) -> None:
         assert asyncio.run(_ping(addr, with_cert))["instances"] == 0
 
 
+def test_the_node_sends_no_session_tickets(
+    node: tuple[ServerThread, NodeAddr], creds: Credentials
+) -> None:
+    """Clients never resume a TLS session, so the node issues no tickets (each would cost
+    bytes and an encryption on every connection)."""
+    _, addr = node
+
+    async def main() -> tuple[str, bool]:
+        async with NodeSession(addr, creds) as s:
+            await s.call("ping")  # the client has read past any post-handshake message
+            assert s.writer is not None
+            tls = s.writer.get_extra_info("ssl_object")
+            return tls.version(), tls.session.has_ticket
+
+    version, has_ticket = asyncio.run(main())
+    assert version == "TLSv1.3" and not has_ticket
+
+
 async def _ping(addr: NodeAddr, creds: Credentials) -> dict[str, object]:
     async with NodeSession(addr, creds) as s:
         result: dict[str, object] = await s.call("ping")
