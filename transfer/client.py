@@ -582,6 +582,8 @@ class _Uploader:
             handover.uploaders.append(self)
         self._tg: asyncio.TaskGroup | None = None
         self._workers = 0  # running upload connections (workers)
+        # Workers that have not yet taken a file from the queue: each will claim one.
+        self._joining: set[asyncio.Task[None]] = set()
         for lf in files:
             self.add(lf)
 
@@ -740,12 +742,16 @@ class _Uploader:
     def can_take_connection(self) -> bool:
         """Worth another connection: every file is known, and a whole file and at least
         ``HANDOVER_MIN_BYTES`` wait to be sent, so that the new connection starts one at once
-        (less would go as fast on the connections already open as through a new handshake)."""
+        (less would go as fast on the connections already open as through a new handshake),
+        and more files are queued than connections are on their way to take them (one each:
+        at the end of a thin shared link, 11 connections once piled onto one node's last files
+        and overflowed its 32-packet queue)."""
         return (
             self._tg is not None
             and self.intake_done
             and bool(self.queue)
             and self.queued_bytes() >= HANDOVER_MIN_BYTES
+            and len(self.queue) > len(self._joining)
             and self._workers < _Handover.PER_NODE_MAX
             and not self.last_error
         )
@@ -753,9 +759,10 @@ class _Uploader:
     def add_connection(self) -> None:
         assert self._tg is not None
         try:
-            self._tg.create_task(self._worker())
+            task = self._tg.create_task(self._worker())
         except RuntimeError:  # the group has finished: nothing left to send here after all
             return
+        self._joining.add(task)
         self._workers += 1
         self.stats.connections = max(self.stats.connections, self._workers)
 
@@ -764,6 +771,9 @@ class _Uploader:
             finished = await self._work()
         finally:
             self._workers -= 1
+            task = asyncio.current_task()
+            if task is not None:
+                self._joining.discard(task)
             if not self._workers:
                 self._fail_checks()
         if finished and self.handover is not None:
@@ -866,6 +876,7 @@ class _Uploader:
         the sender); the sender frames them in place and writes them; the ack reader matches
         ACKs to ``inflight``. Files taken but not started go back to the queue on failure.
         Returns at once if, when its turn to open comes, nothing is ``wanted`` any more."""
+        me = asyncio.current_task()  # the worker (the reader below runs as a task of its own)
         s = await self._open(wanted)
         if s is None:
             return
@@ -930,6 +941,7 @@ class _Uploader:
                     continue
                 lf = item
                 taken.append(lf)
+                self._joining.discard(me)  # this connection has its file
                 if lf.size <= limit:
                     # One chunk: open, read and close in one trip to the executor, not three
                     # (each waits for a busy event loop; 360 small files take 0.7 s on a lan).

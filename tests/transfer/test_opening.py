@@ -8,10 +8,11 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from transfer_helpers import make_series
 
 from transfer import client
-from transfer.client import Credentials, Progress, scan, upload_files
+from transfer.client import Credentials, Progress, assign, scan, upload_files
 from transfer.config import NodeAddr
 from transfer.protocol import (
     NEED_DATA,
@@ -31,15 +32,28 @@ from transfer.protocol import (
 
 class SlowWelcomeNode:
     """A minimal node (the protocol's own state machine) that answers HELLO after ``delay``
-    seconds and counts, across every instance sharing ``seen``, the connections accepted and
-    not yet welcomed."""
+    seconds (``later`` from its second connection on, if given) and ACKs after ``ack_delay``,
+    and counts, across every instance sharing ``seen``, the connections accepted and not yet
+    welcomed; ``self.accepted`` counts its own."""
 
-    def __init__(self, seen: dict[str, int], stored: list[str], delay: float) -> None:
+    def __init__(
+        self,
+        seen: dict[str, int],
+        stored: list[str],
+        delay: float,
+        later: float | None = None,
+        ack_delay: float = 0.0,
+    ) -> None:
         self.seen, self.stored, self.delay = seen, stored, delay
+        self.later = delay if later is None else later
+        self.ack_delay = ack_delay
+        self.accepted = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen = self.seen
         seen["accepted"] += 1
+        self.accepted += 1
+        delay = self.delay if self.accepted == 1 else self.later
         seen["opening"] += 1
         seen["most_opening"] = max(seen["most_opening"], seen["opening"])
         welcomed = False
@@ -51,7 +65,7 @@ class SlowWelcomeNode:
                 conn.receive_data(data)
                 while (ev := conn.next_event()) is not NEED_DATA:
                     if isinstance(ev, Hello):
-                        await asyncio.sleep(self.delay)
+                        await asyncio.sleep(delay)
                         seen["opening"] -= 1
                         welcomed = True
                         writer.write(conn.send(Welcome(node="fake")))
@@ -64,6 +78,7 @@ class SlowWelcomeNode:
                     elif isinstance(ev, Data):
                         digest.update(ev.data)
                     elif isinstance(ev, EndOfBody):
+                        await asyncio.sleep(self.ack_delay)
                         writer.write(conn.send(Ack(file_id, "stored", digest.hexdigest())))
                     elif isinstance(ev, ConnectionClosed):
                         return
@@ -149,3 +164,42 @@ def test_a_connection_no_longer_wanted_when_its_turn_comes_is_not_opened(
 
     got, accepted = asyncio.run(main())
     assert got is None and accepted == 0
+
+
+def test_hand_overs_stop_at_one_connection_per_queued_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four nodes finish at once while the fifth still has two files queued behind a slow
+    ACK: only two of their connections move there (one per queued file), not all four. The
+    moved ones take 0.3 s to be welcomed, so every hand-over is decided while they are still
+    on their way. (The opening gate is widened here so that it does not hide the count.)"""
+    monkeypatch.setattr(client, "OPENING_MAX", 16)
+    make_series(tmp_path / "s", 40, rows=384, cols=384, seed=23)  # ~295 KB a file
+    sc = scan(tmp_path / "s")
+    seen = {"accepted": 0, "opening": 0, "most_opening": 0}
+    stored: list[str] = []
+
+    async def main() -> tuple[dict[str, object], list[int]]:
+        busy = SlowWelcomeNode(seen, stored, 0.0, later=0.3, ack_delay=0.5)
+        nodes_ = [busy] + [SlowWelcomeNode(seen, stored, 0.0) for _ in range(4)]
+        servers = [await asyncio.start_server(n.handle, "127.0.0.1", 0) for n in nodes_]
+        addrs = [
+            NodeAddr("127.0.0.1", srv.sockets[0].getsockname()[1], f"n{i}")
+            for i, srv in enumerate(servers)
+        ]
+        plan = assign(sc.files, addrs, 1)
+        files = plan[addrs[0]][:3] + [plan[a][0] for a in addrs[1:]]
+        try:
+            async with asyncio.timeout(30):
+                rep = await upload_files(
+                    files, addrs, Credentials.plaintext(), connections_per_node=1, resume=False
+                )
+        finally:
+            for srv in servers:
+                srv.close()
+        return rep.as_dict(), [n.accepted for n in nodes_]
+
+    rep, accepted = asyncio.run(main())
+    assert rep["ok"], rep["failed"]
+    assert len(stored) == 7
+    assert accepted == [3, 1, 1, 1, 1]
