@@ -582,6 +582,7 @@ class _Uploader:
             handover.uploaders.append(self)
         self._tg: asyncio.TaskGroup | None = None
         self._workers = 0  # running upload connections (workers)
+        self._sessions = 0  # of which open (the rest are opening, or waiting to reconnect)
         # Workers that have not yet taken a file from the queue: each will claim one.
         self._joining: set[asyncio.Task[None]] = set()
         for lf in files:
@@ -764,7 +765,6 @@ class _Uploader:
             return
         self._joining.add(task)
         self._workers += 1
-        self.stats.connections = max(self.stats.connections, self._workers)
 
     async def _worker(self) -> None:
         try:
@@ -880,6 +880,8 @@ class _Uploader:
         s = await self._open(wanted)
         if s is None:
             return
+        self._sessions += 1
+        self.stats.connections = max(self.stats.connections, self._sessions)
         assert s.writer is not None
         writer = s.writer
         # Each chunk is copied into the transport when written (asyncio's SSL transport keeps a
@@ -1183,6 +1185,7 @@ class _Uploader:
                     await acks
             elif not acks.cancelled():
                 acks.exception()  # retrieved: the caller already has its own error
+            self._sessions -= 1
             await s.close()
 
     def _send_header(
