@@ -4,89 +4,15 @@ once the files they were opened for have gone on other connections."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from transfer_helpers import make_series
+from transfer_helpers import MinimalNode, make_series
 
 from transfer import client
 from transfer.client import Credentials, Progress, assign, scan, upload_files
 from transfer.config import NodeAddr
-from transfer.protocol import (
-    NEED_DATA,
-    Ack,
-    Connection,
-    ConnectionClosed,
-    Data,
-    EndOfBody,
-    FileHeader,
-    Hello,
-    Request,
-    Response,
-    Role,
-    Welcome,
-)
-
-
-class SlowWelcomeNode:
-    """A minimal node (the protocol's own state machine) that answers HELLO after ``delay``
-    seconds (``later`` from its second connection on, if given) and ACKs after ``ack_delay``,
-    and counts, across every instance sharing ``seen``, the connections accepted and not yet
-    welcomed; ``self.accepted`` counts its own."""
-
-    def __init__(
-        self,
-        seen: dict[str, int],
-        stored: list[str],
-        delay: float,
-        later: float | None = None,
-        ack_delay: float = 0.0,
-    ) -> None:
-        self.seen, self.stored, self.delay = seen, stored, delay
-        self.later = delay if later is None else later
-        self.ack_delay = ack_delay
-        self.accepted = 0
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen = self.seen
-        seen["accepted"] += 1
-        self.accepted += 1
-        delay = self.delay if self.accepted == 1 else self.later
-        seen["opening"] += 1
-        seen["most_opening"] = max(seen["most_opening"], seen["opening"])
-        welcomed = False
-        conn = Connection(Role.SERVER)
-        digest, file_id = hashlib.sha256(), -1
-        try:
-            while True:
-                data = await reader.read(1 << 16)
-                conn.receive_data(data)
-                while (ev := conn.next_event()) is not NEED_DATA:
-                    if isinstance(ev, Hello):
-                        await asyncio.sleep(delay)
-                        seen["opening"] -= 1
-                        welcomed = True
-                        writer.write(conn.send(Welcome(node="fake")))
-                    elif isinstance(ev, Request):
-                        want = ev.args["items"]
-                        writer.write(conn.send(Response(ev.req_id, True, [False] * len(want))))
-                    elif isinstance(ev, FileHeader):
-                        digest, file_id = hashlib.sha256(), ev.file_id
-                        self.stored.append(ev.sop_uid)
-                    elif isinstance(ev, Data):
-                        digest.update(ev.data)
-                    elif isinstance(ev, EndOfBody):
-                        await asyncio.sleep(self.ack_delay)
-                        writer.write(conn.send(Ack(file_id, "stored", digest.hexdigest())))
-                    elif isinstance(ev, ConnectionClosed):
-                        return
-                await writer.drain()
-        finally:
-            if not welcomed:
-                seen["opening"] -= 1
-            writer.close()
 
 
 def test_connections_open_a_few_at_a_time_across_all_nodes(tmp_path: Path) -> None:
@@ -94,12 +20,12 @@ def test_connections_open_a_few_at_a_time_across_all_nodes(tmp_path: Path) -> No
     OPENING_MAX are under way together, and every file still arrives once."""
     make_series(tmp_path / "s", 24, rows=32, cols=32, seed=21)
     files = scan(tmp_path / "s").files
-    seen = {"accepted": 0, "opening": 0, "most_opening": 0}
+    seen: dict[str, int] = {}
     stored: list[str] = []
 
     async def main() -> dict[str, object]:
         servers = [
-            await asyncio.start_server(SlowWelcomeNode(seen, stored, 0.05).handle, "127.0.0.1", 0)
+            await asyncio.start_server(MinimalNode(seen, stored, delay=0.05).handle, "127.0.0.1", 0)
             for _ in range(6)
         ]
         nodes = [
@@ -130,10 +56,10 @@ def test_a_connection_no_longer_wanted_when_its_turn_comes_is_not_opened(
     meanwhile gone on other connections gives its turn up without connecting."""
     make_series(tmp_path / "s", 1, rows=32, cols=32, seed=22)
     files = scan(tmp_path / "s").files
-    seen = {"accepted": 0, "opening": 0, "most_opening": 0}
+    seen: dict[str, int] = {}
 
     async def main() -> tuple[object, int]:
-        server = await asyncio.start_server(SlowWelcomeNode(seen, [], 0.0).handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(MinimalNode(seen, []).handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         gate = asyncio.Semaphore(1)
         wanted = [True]
@@ -176,12 +102,12 @@ def test_hand_overs_stop_at_one_connection_per_queued_file(
     monkeypatch.setattr(client, "OPENING_MAX", 16)
     make_series(tmp_path / "s", 40, rows=384, cols=384, seed=23)  # ~295 KB a file
     sc = scan(tmp_path / "s")
-    seen = {"accepted": 0, "opening": 0, "most_opening": 0}
+    seen: dict[str, int] = {}
     stored: list[str] = []
 
     async def main() -> tuple[dict[str, object], list[int]]:
-        busy = SlowWelcomeNode(seen, stored, 0.0, later=0.3, ack_delay=0.5)
-        nodes_ = [busy] + [SlowWelcomeNode(seen, stored, 0.0) for _ in range(4)]
+        busy = MinimalNode(seen, stored, later=0.3, ack_delay=0.5)
+        nodes_ = [busy] + [MinimalNode(seen, stored) for _ in range(4)]
         servers = [await asyncio.start_server(n.handle, "127.0.0.1", 0) for n in nodes_]
         addrs = [
             NodeAddr("127.0.0.1", srv.sockets[0].getsockname()[1], f"n{i}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,20 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from transfer.config import DaemonConfig
+from transfer.protocol import (
+    NEED_DATA,
+    Ack,
+    Connection,
+    ConnectionClosed,
+    Data,
+    EndOfBody,
+    FileHeader,
+    Hello,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
 
 
 def pydicom_sample(name: str) -> Path:
@@ -92,3 +108,72 @@ def node_config(root: Path, pki_dir: Path | None, **kw: object) -> DaemonConfig:
 def copy_testfile(name: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(pydicom_sample(name), dest / name))
+
+
+class MinimalNode:
+    """A node reduced to the protocol's own state machine (``asyncio.start_server(node.handle,
+    ...)``), for the uploader's timing and failure paths: it answers HELLO after ``delay``
+    seconds (``later`` from its second connection on, if given), drops the connection instead
+    of answering the first ``drop_checks`` resume checks, answers the others "missing", and
+    ACKs each file after ``ack_delay`` with the digest of what it received. ``seen``, shared by
+    every node of a test, counts connections accepted, checks asked and connections accepted
+    but not yet welcomed (the most at once in ``most_opening``); ``stored`` gets each file's
+    SOP Instance UID."""
+
+    def __init__(
+        self,
+        seen: dict[str, int],
+        stored: list[str],
+        *,
+        delay: float = 0.0,
+        later: float | None = None,
+        ack_delay: float = 0.0,
+        drop_checks: int = 0,
+    ) -> None:
+        for key in ("accepted", "checks", "opening", "most_opening"):
+            seen.setdefault(key, 0)
+        self.seen, self.stored = seen, stored
+        self.delay, self.later = delay, delay if later is None else later
+        self.ack_delay, self.drop_checks = ack_delay, drop_checks
+        self.accepted = 0  # this node's own connections
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = self.seen
+        seen["accepted"] += 1
+        self.accepted += 1
+        delay = self.delay if self.accepted == 1 else self.later
+        seen["opening"] += 1
+        seen["most_opening"] = max(seen["most_opening"], seen["opening"])
+        welcomed = False
+        conn = Connection(Role.SERVER)
+        digest, file_id = hashlib.sha256(), -1
+        try:
+            while True:
+                conn.receive_data(await reader.read(1 << 16))
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    if isinstance(ev, Hello):
+                        await asyncio.sleep(delay)
+                        seen["opening"] -= 1
+                        welcomed = True
+                        writer.write(conn.send(Welcome(node="minimal")))
+                    elif isinstance(ev, Request):
+                        seen["checks"] += 1
+                        if seen["checks"] <= self.drop_checks:
+                            return  # dropped before the answer
+                        want = ev.args["items"]
+                        writer.write(conn.send(Response(ev.req_id, True, [False] * len(want))))
+                    elif isinstance(ev, FileHeader):
+                        digest, file_id = hashlib.sha256(), ev.file_id
+                        self.stored.append(ev.sop_uid)
+                    elif isinstance(ev, Data):
+                        digest.update(ev.data)
+                    elif isinstance(ev, EndOfBody):
+                        await asyncio.sleep(self.ack_delay)
+                        writer.write(conn.send(Ack(file_id, "stored", digest.hexdigest())))
+                    elif isinstance(ev, ConnectionClosed):
+                        return
+                await writer.drain()
+        finally:
+            if not welcomed:
+                seen["opening"] -= 1
+            writer.close()
