@@ -302,3 +302,10 @@ def test_a_silent_hang_is_ended_by_the_timeout(tmp_path: Path) -> None:
     alive = Path(f"/proc/{pid}/stat").exists() and \
         Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     assert not alive
+    # and Ansible's temp files went too: its controller temp dir was private to the run, and
+    # the local task was pipelined (no module file naming this test's marker in ~/.ansible/tmp)
+    assert list((tmp_path / "s" / "ansible-tmp").iterdir()) == []
+    home_tmp = Path.home() / ".ansible" / "tmp"
+    ours = [p for p in home_tmp.glob("ansible-tmp-*/*")
+            if p.is_file() and str(marker).encode() in p.read_bytes()] if home_tmp.is_dir() else []
+    assert ours == []
