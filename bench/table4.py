@@ -785,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors = prev.get("errors", []) + errors
         shapes = prev.get("shapes", []) + shapes
         commands = prev.get("commands", [prev.get("command", "")]) + commands
+        started = prev.get("started", started)  # the table's first invocation
         profiles = _union(prev["config"]["profiles"], profiles, list(PROFILES_MBIT))
         regimes = _union(prev["config"]["regimes"], regimes, ["shared", "perflow"])
         payloads = _union(prev["config"]["payloads"], payloads, ["compressed", "raw"])
