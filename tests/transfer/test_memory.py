@@ -89,6 +89,30 @@ def test_a_file_that_shrinks_after_the_scan_fails_alone_and_returns_its_buffers(
     assert pool.in_use == 0
 
 
+@pytest.mark.parametrize("chunk", [2048, 1 << 20])  # several chunks a file, or one
+def test_a_file_removed_after_the_scan_fails_alone_and_returns_its_buffers(
+    tmp_path: Path, plain_node: tuple[ServerThread, NodeAddr], chunk: int
+) -> None:
+    _, addr = plain_node
+    make_series(tmp_path / "s", 4, rows=64, cols=64, seed=9)
+    sc = scan(tmp_path / "s")
+    gone = sc.files[1]
+    gone.path.unlink()
+
+    async def go() -> tuple[BufferPool, dict[str, object]]:
+        pool = BufferPool(budget=2 * chunk, chunk=chunk)
+        rep = await upload_files(
+            sc.files, [addr], Credentials.plaintext(), connections_per_node=2, pool=pool
+        )
+        return pool, rep.as_dict()
+
+    pool, rep = asyncio.run(go())
+    assert rep["total"]["files"] == 3  # type: ignore[index]
+    failed = {f["name"]: f["reason"] for f in rep["failed"]}  # type: ignore[attr-defined]
+    assert failed == {gone.name: "cannot read: No such file or directory"}
+    assert pool.in_use == 0
+
+
 def test_files_are_sent_while_the_scan_is_still_running(
     tmp_path: Path, plain_node: tuple[ServerThread, NodeAddr]
 ) -> None:
