@@ -366,12 +366,15 @@ def run_site(inventory: Path, *, ssh_config: Path | None = None, private_key: Pa
         env["ANSIBLE_SSH_COMMON_ARGS"] = f"-F {Path(ssh_config).resolve()}"
     # Ansible's controller temp dir (its module cache) is private to this run and removed after
     # it: Ansible removes its own only when it exits normally, not when a timeout or Ctrl-C ends
-    # it (each such run left an ansible-local-* directory in ~/.ansible/tmp).
+    # it (each such run left an ansible-local-* directory in ~/.ansible/tmp). A module run on the
+    # controller (connection: local) unpacks its payload under TMPDIR and removes it in a
+    # `finally` that a signal skips, so TMPDIR for this run points into the same private dir.
     tmp_base = Path(os.path.expanduser(os.environ.get("ANSIBLE_LOCAL_TEMP") or
                                        str(state / "ansible-tmp")))
     tmp_base.mkdir(parents=True, exist_ok=True, mode=0o700)
     local_tmp = Path(tempfile.mkdtemp(dir=tmp_base, prefix="run-"))
     env["ANSIBLE_LOCAL_TEMP"] = str(local_tmp)
+    env["TMPDIR"] = str(local_tmp)
     log_path = state / "logs" / f"site-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd, vars_file = tempfile.mkstemp(dir=state, prefix=".extra-vars-", suffix=".json")

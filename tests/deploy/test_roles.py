@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,7 @@ def test_a_silent_hang_is_ended_by_the_timeout(tmp_path: Path) -> None:
         "gather_facts": False,
         "tasks": [{"name": "Sleep far longer than the timeout.",
                    "ansible.builtin.shell": f"echo $$ > {marker}; exec sleep 300"}]}]))
+    payloads = set(Path(tempfile.gettempdir()).glob("ansible_*_payload_*"))
     t0 = time.monotonic()
     with pytest.raises(DeployError, match=r"ran longer than 5s \(last task: Sleep far longer"):
         run_site(tiny_inventory(tmp_path), state_dir=tmp_path / "s", playbook=play, timeout=5,
@@ -309,3 +311,5 @@ def test_a_silent_hang_is_ended_by_the_timeout(tmp_path: Path) -> None:
     ours = [p for p in home_tmp.glob("ansible-tmp-*/*")
             if p.is_file() and str(marker).encode() in p.read_bytes()] if home_tmp.is_dir() else []
     assert ours == []
+    # nor did the killed module leave its unpacked payload in the system temp dir
+    assert set(Path(tempfile.gettempdir()).glob("ansible_*_payload_*")) - payloads == set()
