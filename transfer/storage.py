@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import secrets
 import sqlite3
@@ -30,6 +31,8 @@ from transfer.dicominfo import DicomInfo, inspect_fileobj, valid_uid
 from transfer.errors import ConflictError, NotFoundError, StorageError, ValidationError
 
 TMP_PREFIX = ".tmp-"
+_TMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW  # read back for validation
+_MEM_PARSE = 8 << 20  # files up to this size are validated from one read into memory
 INDEX_DIR = ".medstream"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -107,6 +110,21 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
     return StorageError(exc.errno or errno.EIO, f"I/O error while {what}: {exc.strerror or exc}")
 
 
+def _pread_all(fd: int, size: int) -> bytes:
+    data = os.pread(fd, size, 0)
+    if len(data) == size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, got)
+        if not more:
+            raise OSError(errno.EIO, f"short read: {got} of {size} bytes")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def _hash_path(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
@@ -163,9 +181,7 @@ class Upload:
             if not inside(store.root, self.dir):
                 raise ValidationError(f"refused: {self.rel} escapes the storage root")
             self.tmp = self.dir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-            self._fd = os.open(
-                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640
-            )
+            self._fd = os.open(self.tmp, _TMP_FLAGS, 0o640)
         except OSError as exc:
             self.abort()
             raise _storage_error(exc, f"creating a temp file for {self.rel}") from None
@@ -184,6 +200,21 @@ class Upload:
             self.abort()
             raise _storage_error(exc, f"writing {self.rel}") from None
         self.written += len(data)
+
+    def _inspect(self) -> DicomInfo:
+        """Parse the header of what was written (pydicom). A file of up to ``_MEM_PARSE`` bytes
+        is read back with one ``pread`` and parsed in memory: pydicom seeks over every deferred
+        value, and on a file each seek is an ``lseek`` (about 80 for a CT slice), each of them
+        a hand-over of the GIL between this worker and the event loop."""
+        assert self.tmp is not None
+        if self.size <= _MEM_PARSE:
+            try:
+                data = _pread_all(self._fd, self.size)
+            except OSError as exc:
+                raise _storage_error(exc, f"reading back {self.rel}") from None
+            return inspect_fileobj(io.BytesIO(data), self.size)
+        with open(self.tmp, "rb") as fp:
+            return inspect_fileobj(fp, self.size)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -210,8 +241,7 @@ class Upload:
                 )
             info: DicomInfo | None = None
             if self.kind == "dicom":
-                with open(self.tmp, "rb") as fp:
-                    info = inspect_fileobj(fp, self.size)
+                info = self._inspect()
                 if (info.study_uid, info.series_uid, info.sop_uid) != self.uids:
                     raise ValidationError(
                         "UIDs in the file do not match the header "
@@ -426,8 +456,6 @@ class Store:
         self, data: bytes, *, name: str, kind: Literal["dicom", "other"] | None = None
     ) -> CommitResult:
         """Store a whole in-memory object (the erl3d path). ``kind=None`` sniffs DICOM."""
-        import io
-
         digest = hashlib.sha256(data).hexdigest()
         info: DicomInfo | None = None
         if kind != "other":

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from transfer_helpers import make_series, pydicom_sample
 
-from transfer.dicominfo import inspect_path
+from transfer import storage
+from transfer.dicominfo import DicomInfo, inspect_path
 from transfer.errors import ConflictError, StorageError, ValidationError
 from transfer.storage import Store, safe_name
 
@@ -177,6 +178,52 @@ def test_digest_size_and_uid_mismatches_leave_nothing(tmp_path: Path) -> None:
         up.commit()
     assert visible_files(store.root) == []
     assert store.summary()["instances"] == 0
+
+
+@pytest.mark.parametrize("read_back", ["in memory", "from the file"])
+@pytest.mark.parametrize("name", GOOD + sorted(BROKEN))
+def test_commit_validates_what_was_written_in_memory_or_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, read_back: str
+) -> None:
+    """The node validates a file of up to _MEM_PARSE bytes from one read back into memory, a
+    larger one from the file: both judge every pydicom sample, good or broken, the same way, and
+    as pydicom does on the original file."""
+    if read_back == "from the file":
+        monkeypatch.setattr(storage, "_MEM_PARSE", 0)
+    else:
+        assert storage._MEM_PARSE >= 1 << 20
+    src = pydicom_sample(name)
+    data = src.read_bytes()
+    try:
+        expected: DicomInfo | str = inspect_path(src)
+    except ValidationError as exc:
+        expected = str(exc)
+    uids = (
+        (expected.study_uid, expected.series_uid, expected.sop_uid)
+        if isinstance(expected, DicomInfo)
+        else ("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    )
+    store = Store(tmp_path / "root")
+    up = store.begin(
+        kind="dicom",
+        name=name,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        study=uids[0],
+        series=uids[1],
+        sop=uids[2],
+    )
+    up.write(data)
+    if isinstance(expected, str):
+        with pytest.raises(ValidationError) as ei:
+            up.commit()
+        assert str(ei.value) == expected
+        assert visible_files(store.root) == []
+    else:
+        assert up.commit().status == "stored"
+        row = store.stat(sop=expected.sop_uid)
+        assert row["transfer_syntax"] == expected.transfer_syntax
+        assert (store.root / row["path"]).read_bytes() == data
 
 
 def test_other_files_by_content_hash(tmp_path: Path) -> None:
