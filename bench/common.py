@@ -213,16 +213,35 @@ max_clients=200
 max_per_ip=200
 use_localtime=NO
 """
+# Explicit FTPS (AUTH TLS) beside plain FTP on the same server: what a user who must encrypt
+# medical images would pick. TLS is offered, not forced, so plaintext clients still work;
+# no session-reuse requirement (Python's ftplib does not resume the control session's).
+VSFTPD_TLS_CONF = """\
+ssl_enable=YES
+allow_anon_ssl=YES
+force_anon_logins_ssl=NO
+force_anon_data_ssl=NO
+ssl_tlsv1=YES
+ssl_sslv2=NO
+ssl_sslv3=NO
+require_ssl_reuse=NO
+ssl_request_cert=NO
+ssl_ciphers=HIGH
+rsa_cert_file={cert}
+rsa_private_key_file={key}
+"""
 
 
 @dataclass
 class Vsftpd:
-    """vsftpd with its own config: anonymous upload into ``root/incoming``."""
+    """vsftpd with its own config: anonymous upload into ``root/incoming``; with ``tls`` (a
+    certificate and key) it also offers explicit FTPS."""
 
     workdir: Path
     bind: str = "127.0.0.1"
     port: int = 0
     spawn: Spawner = local_popen
+    tls: tuple[Path, Path] | None = None
     proc: subprocess.Popen[Any] | None = field(default=None, repr=False)
 
     @property
@@ -241,8 +260,11 @@ class Vsftpd:
             self.port = free_port(self.bind) if self.bind.startswith("127.") else 2121
         pasv_lo = 30000 + (self.port * 7) % 20000
         conf = self.workdir / "vsftpd.conf"
-        conf.write_text(VSFTPD_CONF.format(bind=self.bind, port=self.port, root=root,
-                                           empty=empty, pasv_lo=pasv_lo, pasv_hi=pasv_lo + 400))
+        text = VSFTPD_CONF.format(bind=self.bind, port=self.port, root=root, empty=empty,
+                                  pasv_lo=pasv_lo, pasv_hi=pasv_lo + 400)
+        if self.tls is not None:
+            text += VSFTPD_TLS_CONF.format(cert=self.tls[0], key=self.tls[1])
+        conf.write_text(text)
         log = open(self.workdir / "vsftpd.out", "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = self.spawn([exe, str(conf)], stdin=subprocess.DEVNULL, stdout=log,

@@ -1,10 +1,12 @@
 """FTP upload client for the benchmarks (Python ftplib, the baseline a user would script).
 
-    python bench/ftpput.py HOST PORT REMOTE_DIR FILE... [--connections K] [--json]
+    python bench/ftpput.py HOST PORT REMOTE_DIR FILE... [--connections K] [--tls CA] [--json]
 
 The files are dealt round-robin onto K control connections (K threads), each sending its share
 with ``STOR`` in binary mode (passive data connections, 1 MiB writes). Anonymous login, as the
-benchmark's vsftpd is configured. Prints a JSON summary on stdout with --json.
+benchmark's vsftpd is configured. ``--tls CA`` speaks explicit FTPS (AUTH TLS, then PROT P:
+control and every data connection encrypted, the server's certificate verified against CA).
+Prints a JSON summary on stdout with --json.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ftplib
 import json
+import ssl
 import sys
 import threading
 import time
@@ -19,16 +22,23 @@ from pathlib import Path
 
 
 def upload(host: str, port: int, remote_dir: str, files: list[Path], connections: int,
-           timeout: float = 60.0) -> dict[str, object]:
+           timeout: float = 60.0, tls_ca: Path | None = None) -> dict[str, object]:
     shares = [files[i::connections] for i in range(connections)]
     errors: list[str] = []
     sent = [0] * connections
 
     def worker(idx: int) -> None:
         try:
-            ftp = ftplib.FTP()
-            ftp.connect(host, port, timeout=timeout)
-            ftp.login()
+            if tls_ca is None:
+                ftp = ftplib.FTP()
+                ftp.connect(host, port, timeout=timeout)
+                ftp.login()
+            else:
+                tls = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(tls_ca)))
+                tls.connect(host, port, timeout=timeout)
+                tls.login()  # AUTH TLS first
+                tls.prot_p()  # and every data connection encrypted
+                ftp = tls
             with ftp:
                 try:
                     ftp.mkd(remote_dir)
@@ -61,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("remote_dir")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--connections", type=int, default=1)
+    p.add_argument("--tls", type=Path, metavar="CA",
+                   help="explicit FTPS, verifying the server against this CA certificate")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    res = upload(a.host, a.port, a.remote_dir, a.files, max(1, a.connections))
+    res = upload(a.host, a.port, a.remote_dir, a.files, max(1, a.connections), tls_ca=a.tls)
     if a.json:
         print(json.dumps(res))
     else:

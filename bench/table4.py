@@ -25,6 +25,8 @@ medstream's resume never skips anything):
   erl3d           transfer upload --protocol erl3d: the paper's own wire format (plaintext, one
                   file per connection) into transferd's compatibility port
   ftp             vsftpd on one server host <- Python ftplib, one connection (the paper's FTP)
+  ftps            the same over explicit FTPS (AUTH TLS, PROT P; the server's certificate
+                  verified): the encrypted alternative, to compare with medstream like for like
   ftp-5           the same with 5 parallel connections to the one server
   dcmtk           dcmtk storescu -> storescp on the server host (TCP_NODELAY=1), one association
 
@@ -75,7 +77,8 @@ PAPER = {  # Table 4: mean seconds over 30 runs, 360 CT slices
 }
 NO_NETEM = ("no netem on this kernel: links are rate-shaped only (htb), with no added delay or "
             "loss; round trips are those of veth pairs (~0.05 ms)")
-METHODS = ("medstream", "medstream-zstd", "medstream-c1", "erl3d", "ftp", "ftp-5", "dcmtk")
+METHODS = ("medstream", "medstream-zstd", "medstream-c1", "erl3d", "ftp", "ftps", "ftp-5",
+           "dcmtk")
 NODE_METHODS = ("medstream", "medstream-zstd", "medstream-c1", "erl3d")
 NATIVE_PORT, ERL3D_PORT, FTP_PORT, DICOM_PORT = 7370, 7371, 21, 11112
 FTPPUT = Path(__file__).resolve().parent / "ftpput.py"
@@ -171,9 +174,9 @@ class Bench:
         self.conf = base / "transfer.toml"
         self.cert: tuple[Path, Path] | None = None
         self.token: Path | None = None
-        if tls:
-            self._pki()
-        else:
+        self._pki()  # the FTPS server needs a certificate even when medstream runs in plaintext
+        if not tls:
+            self.cert = self.token = None
             self.conf.write_text("[transfer]\n")
 
     def _pki(self) -> None:
@@ -188,6 +191,12 @@ class Bench:
                             capture_output=True, text=True, timeout=60)
         if cp.returncode != 0:
             raise BenchError(f"transfer pki issue: {tail(cp.stderr)}")
+        cp = subprocess.run([exe, "pki", "issue", str(pki), "--name", "srv", "--ip", self.srv.ip],
+                            capture_output=True, text=True, timeout=60)
+        if cp.returncode != 0:
+            raise BenchError(f"transfer pki issue: {tail(cp.stderr)}")
+        self.ca = pki / "ca.crt"
+        self.srv_cert = (pki / "srv.crt", pki / "srv.key")
         self.cert = (pki / "nodes.crt", pki / "nodes.key")
         self.token = pki / "token"
         self.conf.write_text(f'[transfer]\nca_file = "{pki / "ca.crt"}"\n'
@@ -208,7 +217,8 @@ class Bench:
         shutil.rmtree(work, ignore_errors=True)
         (work / "ftp").mkdir(parents=True)
         (work / "scp").mkdir(parents=True)
-        self.ftp = Vsftpd(work / "ftp", bind=self.srv.ip, port=FTP_PORT, spawn=self.srv.popen)
+        self.ftp = Vsftpd(work / "ftp", bind=self.srv.ip, port=FTP_PORT, spawn=self.srv.popen,
+                          tls=self.srv_cert)
         self.ftp.start()
         self.scp = Storescp(work / "scp", port=DICOM_PORT, host=self.srv.ip, spawn=self.srv.popen)
         self.scp.start()
@@ -270,8 +280,9 @@ class Bench:
             return argv
         if method.startswith("ftp"):
             k = 5 if method == "ftp-5" else 1
+            tls = ["--tls", str(self.ca)] if method == "ftps" else []
             return [PY, str(FTPPUT), self.srv.ip, str(FTP_PORT), f"incoming/run{tag}",
-                    *map(str, files), "--connections", str(k), "--json"]
+                    *map(str, files), "--connections", str(k), *tls, "--json"]
         if method == "dcmtk":
             return storescu_argv(self.srv.ip, DICOM_PORT, files, rle=payload == "compressed")
         raise BenchError(f"unknown method {method}")
@@ -451,8 +462,8 @@ def render_md(data: dict[str, Any]) -> str:
         f"Command: `{data['command']}`  ",
         f"Started {data['started']}, {data['elapsed_s'] / 60:.1f} min of runs; repeats per cell: "
         f"{cfg['repeats']} (the paper used 30); figures are mean ± sd. Security: "
-        f"{'TLS + token' if cfg['tls'] else 'plaintext (--plaintext)'} for medstream; erl3d, FTP "
-        "and DICOM are plaintext. Per-flow cap (perflow regime): "
+        f"{'TLS + token' if cfg['tls'] else 'plaintext (--plaintext)'} for medstream, TLS for "
+        "FTPS; erl3d, FTP and DICOM are plaintext. Per-flow cap (perflow regime): "
         f"{cfg['flow_cap_frac']:.3g} x link.",
         "",
         "Time for the whole 360-slice series is extrapolated from the measured goodput where "
@@ -505,6 +516,13 @@ def render_md(data: dict[str, Any]) -> str:
                         f"{s['image_throughput_x_link']:.2f} | "
                         f"{_conns(s)} | {s['client_rss_mb_max']:.0f} |")
             lines.append("")
+    both = like_for_like(summary) if cfg["tls"] else []
+    if both:
+        lines += ["## Like for like: both encrypted", "",
+                  "medstream (TLS 1.3 + token) beside FTPS (TLS 1.3, AUTH TLS + PROT P) in the same "
+                  "run: the comparison a user who must encrypt medical images faces (the FTP "
+                  "target above compares encrypted medstream with plaintext FTP).", ""]
+        lines += both + [""]
     if data["targets"]:
         lines += ["## Targets", ""]
         lines += [f"- {'met' if t['met'] else 'tie, within 1 sd' if t.get('tie') else '**MISSED**'}"
@@ -515,6 +533,27 @@ def render_md(data: dict[str, Any]) -> str:
         lines += ["## Errors", ""] + [f"- {e}" for e in data["errors"]] + [""]
     lines.append("Chart: `table4.png` beside this file.")
     return "\n".join(lines) + "\n"
+
+
+def like_for_like(summary: list[dict[str, Any]]) -> list[str]:
+    """One line per cell with FTPS: medstream's best node count beside it."""
+    out = []
+    for f in summary:
+        if f["method"] != "ftps":
+            continue
+        cell = (f["profile"], f["regime"], f["payload"])
+        ms = [s for s in summary if s["method"] == "medstream"
+              and (s["profile"], s["regime"], s["payload"]) == cell]
+        if not ms:
+            continue
+        top = max(ms, key=lambda s: s["goodput_mbit_mean"])
+        g, fg = top["goodput_mbit_mean"], f["goodput_mbit_mean"]
+        out.append(f"- {'/'.join(cell)}: medstream x{top['nodes']} {g:.4g} ± "
+                   f"{top['goodput_mbit_sd']:.2g} Mbit/s vs FTPS {fg:.4g} ± "
+                   f"{f['goodput_mbit_sd']:.2g} Mbit/s ({g / fg:.2f}x); 360 slices in "
+                   f"{top['full_series_seconds_mean']:.1f} vs {f['full_series_seconds_mean']:.1f} s")
+    order = list(PROFILES_MBIT)
+    return sorted(out, key=lambda line: order.index(line[2:].split("/")[0]))
 
 
 def _conns(s: dict[str, Any]) -> str:
@@ -676,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--regimes", default="shared,perflow")
     p.add_argument("--payloads", default="compressed,raw")
     p.add_argument("--nodes", default="1,5,30", help="node counts (default 1,5,30)")
-    p.add_argument("--methods", default="medstream,medstream-zstd,medstream-c1,erl3d,ftp,dcmtk",
+    p.add_argument("--methods",
+                   default="medstream,medstream-zstd,medstream-c1,erl3d,ftp,ftps,dcmtk",
                    help=f"subset of {','.join(METHODS)}")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scale", default="lan=1,tanet=1,adsl=0.1",

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.table4 import check_targets, parse_scale, relabel  # noqa: E402
+from bench.table4 import check_targets, like_for_like, parse_scale, relabel  # noqa: E402
 from transfer.synth import generate_series  # noqa: E402
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="vsftpd upload dir and labs need root")
@@ -78,6 +78,21 @@ def test_targets_are_judged_from_figures() -> None:
     assert t["met"] is False and t["tie"] is False
 
 
+def test_like_for_like_puts_medstreams_best_node_count_beside_ftps() -> None:
+    def cell(profile: str, method: str, nodes: int, mbit: float) -> dict[str, object]:
+        return {"profile": profile, "regime": "shared", "payload": "raw", "method": method,
+                "nodes": nodes, "goodput_mbit_mean": mbit, "goodput_mbit_sd": 0.5,
+                "full_series_seconds_mean": 2360.0 / mbit}
+    summary = [cell("tanet", "medstream", 1, 90.0), cell("tanet", "medstream", 5, 94.0),
+               cell("tanet", "ftps", 1, 80.0), cell("tanet", "ftp", 1, 95.0),
+               cell("lan", "medstream", 1, 900.0), cell("lan", "ftps", 1, 450.0),
+               cell("adsl", "medstream", 1, 1.9)]  # no FTPS run there: no line
+    lines = like_for_like(summary)
+    assert len(lines) == 2 and lines[0].startswith("- lan/shared/raw: medstream x1 900 ")
+    assert "vs FTPS 450 ± 0.5 Mbit/s (2.00x)" in lines[0]
+    assert lines[1].startswith("- tanet/shared/raw: medstream x5 94 ") and "(1.18x)" in lines[1]
+
+
 @needs_root
 def test_loopback_harness_on_a_tiny_series(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -114,7 +129,8 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     cp = subprocess.run(
         [sys.executable, str(REPO / "bench" / "table4.py"), "--profiles", "tanet",
          "--regimes", "shared,perflow", "--payloads", "compressed", "--nodes", "1,2",
-         "--methods", "medstream,medstream-zstd,medstream-c1,erl3d,ftp,dcmtk", "--repeats", "1",
+         "--methods", "medstream,medstream-zstd,medstream-c1,erl3d,ftp,ftps,dcmtk", "--repeats",
+         "1",
          "--slices", "4", "--rows", "64", "--cols", "64", "--tmp", str(tmp_path),
          "--out", str(out)],
         capture_output=True, text=True, timeout=500, check=False)
@@ -124,11 +140,14 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     cells = {(s["regime"], s["method"], s["nodes"]) for s in data["summary"]}
     assert ("shared", "medstream", 2) in cells and ("perflow", "medstream-c1", 2) in cells
     assert ("shared", "erl3d", 1) in cells and ("shared", "ftp", 1) in cells
+    assert ("shared", "ftps", 1) in cells and ("perflow", "ftps", 1) in cells
     assert ("perflow", "dcmtk", 1) in cells
     assert all(r["stored_files"] == 4 for r in data["runs"])
     assert data["targets"], "targets are evaluated"
     md = (out / "table4.md").read_text()
     assert "no netem" in md and "| network | streaming 1 node |" in md
+    assert "## Like for like: both encrypted" in md
+    assert "- tanet/shared/compressed: medstream x" in md and " vs FTPS " in md
     assert (out / "table4.png").stat().st_size > 10_000
     # --rerender rebuilds the same tables from the stored runs, measuring nothing
     (out / "table4.md").unlink()
