@@ -15,6 +15,8 @@ Methods:
                      with FTP, which is plaintext too)
   medstream-tls-zstd-N  TLS + token + zstd bodies
   vsftpd-K           vsftpd (Debian, anonymous upload) <- Python ftplib, K parallel connections
+  vsftps-K           the same over explicit FTPS (AUTH TLS, PROT P, the server verified): the
+                     encrypted alternative, like for like with medstream-tls-K
   dcmtk-K            dcmtk storescp --fork (TCP_NODELAY=1, max PDU 128 KiB) <- K storescu processes
   ceiling-sha256-N   bench/ceiling.py: the least a Python data path with issue 2's integrity
                      check can do (name, size, body; SHA-256 on both ends; a digest back per
@@ -71,7 +73,7 @@ DCMTK_ENV = {"TCP_NODELAY": "1"}  # dcmtk leaves Nagle on by default (FAQ #48)
 FTPPUT = Path(__file__).resolve().parent / "ftpput.py"
 ALL_METHODS = (
     "medstream-tls-1", "medstream-tls-5", "medstream-plain-1", "medstream-plain-5",
-    "medstream-tls-zstd-5", "vsftpd-1", "vsftpd-5", "dcmtk-1", "dcmtk-5",
+    "medstream-tls-zstd-5", "vsftpd-1", "vsftpd-5", "vsftps-1", "vsftps-5", "dcmtk-1", "dcmtk-5",
     "ceiling-sha256-1", "ceiling-sha256-5", "ceiling-none-5",
 )
 CEILING = Path(__file__).resolve().parent / "ceiling.py"
@@ -168,12 +170,17 @@ def run_medstream(ctx: Ctx, method: str, repeat: int, *, files_dir: Path | None 
 
 
 def run_vsftpd(ctx: Ctx, method: str, repeat: int) -> Sample:
-    _, k, _ = _parse(method)
+    name, k, _ = _parse(method)
+    tls: list[str] = []
+    cert: tuple[Path, Path] | None = None
+    if name == "vsftps":
+        ca, crt, key, _ = _tls_setup(ctx)
+        tls, cert = ["--tls", str(ca)], (crt, key)
     with scratch(ctx.tmp, f"run-{method}") as work:
-        server = Vsftpd(work).start()
+        server = Vsftpd(work, tls=cert).start()
         try:
             argv = [PY, str(FTPPUT), server.bind, str(server.port), "incoming/series",
-                    *map(str, ctx.files), "--connections", str(k), "--json"]
+                    *map(str, ctx.files), "--connections", str(k), *tls, "--json"]
             res = run_timed(argv, timeout=ctx.timeout)
             if res.returncode != 0:
                 raise BenchError(f"{method}: ftp upload failed: {tail(res.stderr)}")
@@ -271,7 +278,7 @@ def run_ceiling(ctx: Ctx, method: str, repeat: int) -> Sample:
 
 
 RUNNERS: dict[str, Callable[[Ctx, str, int], Sample]] = {
-    "medstream": run_medstream, "vsftpd": run_vsftpd, "dcmtk": run_dcmtk,
+    "medstream": run_medstream, "vsftpd": run_vsftpd, "vsftps": run_vsftpd, "dcmtk": run_dcmtk,
     "ceiling": run_ceiling,
 }
 
@@ -303,6 +310,7 @@ def ratios(summary: dict[str, dict[str, float]]) -> dict[str, float]:
             if v := med(ms):
                 out[f"{ms} / best ceiling-sha256"] = v / best_ceiling
     for a, b in (("medstream-tls-1", "vsftpd-1"), ("medstream-tls-5", "vsftpd-5"),
+                 ("medstream-tls-1", "vsftps-1"), ("medstream-tls-5", "vsftps-5"),
                  ("medstream-plain-1", "vsftpd-1"), ("medstream-plain-5", "vsftpd-5"),
                  ("medstream-tls-1", "dcmtk-1"), ("medstream-tls-5", "dcmtk-5"),
                  ("medstream-plain-5", "dcmtk-5")):
@@ -332,6 +340,7 @@ def render_md(data: dict[str, Any]) -> str:
         sec = ("TLS + token" if "tls" in m else
                "plaintext, no auth (insecure, for like-for-like)" if "plain" in m else
                "plaintext FTP, anonymous" if m.startswith("vsftpd") else
+               "FTPS (TLS), anonymous" if m.startswith("vsftps") else
                "plaintext, no auth (bound, not a product)" if m.startswith("ceiling") else
                "plaintext DICOM")
         if "zstd" in m:

@@ -100,24 +100,26 @@ def test_loopback_harness_on_a_tiny_series(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "bench" / "loopback.py"), "--slices", "4", "--rows", "64",
          "--cols", "64", "--repeats", "1", "--rss-slices", "0", "--tmp", str(tmp_path),
          "--out", str(out), "--methods",
-         "medstream-tls-1,medstream-plain-5,medstream-tls-zstd-5,vsftpd-1,vsftpd-5,dcmtk-1,"
-         "dcmtk-5,ceiling-sha256-5,ceiling-none-5"],
+         "medstream-tls-1,medstream-plain-5,medstream-tls-zstd-5,vsftpd-1,vsftpd-5,vsftps-1,"
+         "dcmtk-1,dcmtk-5,ceiling-sha256-5,ceiling-none-5"],
         capture_output=True, text=True, timeout=300, check=False)
     assert cp.returncode == 0, cp.stdout[-2000:] + cp.stderr[-2000:]
     data = json.loads((out / "loopback.json").read_text())
     assert set(data["summary"]) == {"medstream-tls-1", "medstream-plain-5",
-                                    "medstream-tls-zstd-5", "vsftpd-1", "vsftpd-5", "dcmtk-1",
-                                    "dcmtk-5", "ceiling-sha256-5", "ceiling-none-5"}
+                                    "medstream-tls-zstd-5", "vsftpd-1", "vsftpd-5", "vsftps-1",
+                                    "dcmtk-1", "dcmtk-5", "ceiling-sha256-5", "ceiling-none-5"}
     for s in data["samples"]:
         assert s["stored_files"] == 4, s
         assert s["mbps"] > 0 and s["client_rss_mb"] > 1
         if not s["method"].startswith("dcmtk"):  # storescp re-encodes; the others keep bytes
             assert s["stored_bytes"] == s["bytes"], s
     assert "medstream-tls-1 / vsftpd-1" in data["ratios"]
+    assert "medstream-tls-1 / vsftps-1" in data["ratios"]
     assert "best ceiling-sha256 / best vsftpd" in data["ratios"]
     assert "medstream-plain-5 / best ceiling-sha256" in data["ratios"]
     md = (out / "loopback.md").read_text()
     assert "| medstream-tls-1 | TLS + token |" in md
+    assert "| vsftps-1 | FTPS (TLS), anonymous |" in md
     # nothing left behind on the scratch filesystem but the generated series cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
 
