@@ -94,7 +94,10 @@ def summarize(flows: list[dict[str, Any]]) -> dict[str, Any]:
             "mbps": total * 8 / span / 1e6 if span > 0 else 0.0}
 
 
-def send(targets: Sequence[tuple[str, int]], flows: int, seconds: float) -> dict[str, Any]:
+def send(targets: Sequence[tuple[str, int]], flows: int, seconds: float,
+         congestion: str | None = None) -> dict[str, Any]:
+    """Send zeros to every target on ``flows`` connections each for ``seconds``. ``congestion``
+    picks the TCP congestion control of these connections (e.g. ``cubic``; default: the host's)."""
     payload = b"\0" * CHUNK
     sent: list[int] = []
     lock = threading.Lock()
@@ -103,7 +106,11 @@ def send(targets: Sequence[tuple[str, int]], flows: int, seconds: float) -> dict
     def one(host: str, port: int) -> None:
         n = 0
         try:
-            with socket.create_connection((host, port), timeout=10) as sock:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if congestion:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+                sock.settimeout(10)
+                sock.connect((host, port))
                 sock.settimeout(seconds + 60)
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
@@ -149,9 +156,10 @@ class Measurement:
 
 
 def measure(src: Host, dsts: Sequence[Host], *, seconds: float = 5.0, flows: int = 1,
-            port: int = 5201) -> Measurement:
+            port: int = 5201, congestion: str | None = None) -> Measurement:
     """Send from src to every host of dsts (flows connections each) for about ``seconds``; the
-    receivers time the bytes. Bounded: fails rather than hangs."""
+    receivers time the bytes. ``congestion`` sets the sender's TCP congestion control for these
+    connections (default: src's). Bounded: fails rather than hangs."""
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
         for d in dsts:
@@ -164,8 +172,11 @@ def measure(src: Host, dsts: Sequence[Host], *, seconds: float = 5.0, flows: int
             if line.strip() != "ready":
                 raise LabError(f"receiver on {d.name} did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
         targets = ",".join(f"{d.ip}:{port}" for d in dsts)
-        cp = src.run([sys.executable, "-m", "labnet.measure", "send", "--to", targets,
-                      "--flows", str(flows), "--seconds", str(seconds)], timeout=seconds + 180)
+        argv = [sys.executable, "-m", "labnet.measure", "send", "--to", targets,
+                "--flows", str(flows), "--seconds", str(seconds)]
+        if congestion:
+            argv += ["--congestion", congestion]
+        cp = src.run(argv, timeout=seconds + 180)
         sender = json.loads(cp.stdout)
         if sender["errors"]:
             raise LabError(f"sender errors: {'; '.join(sender['errors'])}")
@@ -197,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--to", required=True, help="ip:port[,ip:port...]")
     s.add_argument("--flows", type=int, default=1)
     s.add_argument("--seconds", type=float, default=5.0)
+    s.add_argument("--congestion", default=None,
+                   help="TCP congestion control for these connections, e.g. cubic (default: the host's)")
     args = ap.parse_args(argv)
     if args.cmd == "recv":
         def ready() -> None:
@@ -207,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in args.to.split(","):
             host, _, port = item.rpartition(":")
             targets.append((host, int(port)))
-        print(json.dumps(send(targets, args.flows, args.seconds)))
+        print(json.dumps(send(targets, args.flows, args.seconds, args.congestion)))
     return 0
 
 
