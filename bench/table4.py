@@ -464,7 +464,10 @@ def render_md(data: dict[str, Any]) -> str:
         f"{cfg['repeats']} (the paper used 30); figures are mean ± sd. Security: "
         f"{'TLS + token' if cfg['tls'] else 'plaintext (--plaintext)'} for medstream, TLS for "
         "FTPS; erl3d, FTP and DICOM are plaintext. Per-flow cap (perflow regime): "
-        f"{cfg['flow_cap_frac']:.3g} x link.",
+        f"{cfg['flow_cap_frac']:.3g} x link." + (
+            f" TCP congestion control: {data['machine']['tcp_congestion_control']} (the "
+            "machine's default, inherited by every lab host)."
+            if data.get("machine", {}).get("tcp_congestion_control") else ""),
         "",
         "Time for the whole 360-slice series is extrapolated from the measured goodput where "
         "--scale sent a fraction of it (column `scale`). Goodput = DICOM file bytes delivered "

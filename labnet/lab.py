@@ -514,7 +514,19 @@ class Lab:
                          + (f"  [{self.shapes[h.name].describe()}]" if h.name in self.shapes else ""))
         if not self.netem_available:
             lines.append("  " + shaping.NETEM_MISSING)
+        cc = congestion_control()
+        if cc:
+            lines.append(f"  TCP congestion control: {cc} (every host inherits the root namespace's default)")
         return "\n".join(lines)
+
+
+def congestion_control() -> str | None:
+    """The TCP congestion control a new network namespace starts with: the root namespace's
+    default (a namespace may only switch to one in net.ipv4.tcp_allowed_congestion_control)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def mac_for(ip: str) -> str:

@@ -181,6 +181,12 @@ def test_netem_absence_is_reported(lab: Lab) -> None:
         assert NETEM_MISSING in lab.describe()
 
 
+def test_describe_names_the_congestion_control_the_hosts_run(lab: Lab) -> None:
+    (h,) = lab.add_hosts(["cc"], sshd=False)
+    cc = h.run(["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
+    assert cc and f"TCP congestion control: {cc} " in lab.describe()
+
+
 def test_measure_sets_the_congestion_control_it_is_asked_for(lab: Lab) -> None:
     a, b = lab.add_hosts(["ca", "cb"], sshd=False)
     assert measure(a, [b], seconds=0.3, congestion="reno").total_mbps > 0
