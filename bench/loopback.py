@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -393,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("loopback: note: vsftpd's anonymous upload dir needs root to chown", file=sys.stderr)
 
+    # SIGTERM unwinds like Ctrl-C, so that the servers of the sample in progress are stopped and
+    # the work directory removed (a run ended by its PID left a transferd and its tmpfs behind).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     base = a.tmp / f"medstream-bench-{os.getpid()}"
     cache = a.tmp / "medstream-bench-cache"
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
