@@ -451,10 +451,12 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
     }
-    # Lab hosts' network namespaces start with the root namespace's default (the senders' TCP
-    # congestion control shapes every figure: BBR paces at its estimate, cubic fills the queue).
-    with contextlib.suppress(OSError):
-        info["tcp_congestion_control"] = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    # The senders' TCP congestion control shapes every figure (BBR paces at its estimate, cubic
+    # fills the queue); lab hosts inherit the root namespace's default.
+    from labnet.lab import congestion_control
+
+    if cc := congestion_control():
+        info["tcp_congestion_control"] = cc
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         info["vsftpd"] = "vsftpd " + subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", "vsftpd"], capture_output=True, text=True,
