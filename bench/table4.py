@@ -111,6 +111,19 @@ class Run:
         return self.tool_s * self.full_bytes / self.bytes
 
 
+Cell = tuple[str, str, str, str, int]
+
+
+def cell_of(r: Run) -> Cell:
+    return (r.profile, r.regime, r.payload, r.method, r.nodes)
+
+
+def merge_runs(prev: list[Run], new: list[Run], measured: set[Cell]) -> list[Run]:
+    """``prev`` without the cells this invocation measured again, then ``new``: a re-run
+    (say at another --scale) replaces a cell instead of mixing two sizes into one mean."""
+    return [r for r in prev if cell_of(r) not in measured] + new
+
+
 # --- fresh copies with new UIDs ------------------------------------------------------------------
 
 _UID_CACHE: dict[Path, list[tuple[str, str, str]]] = {}
@@ -355,9 +368,9 @@ def _ms(vals: list[float]) -> tuple[float, float]:
 
 
 def summarize_runs(runs: list[Run]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, str, str, int], list[Run]] = {}
+    groups: dict[Cell, list[Run]] = {}
     for r in runs:
-        groups.setdefault((r.profile, r.regime, r.payload, r.method, r.nodes), []).append(r)
+        groups.setdefault(cell_of(r), []).append(r)
     out = []
     for (profile, regime, payload, method, nodes), rs in groups.items():
         link = PROFILES_MBIT[profile]
@@ -740,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep-going", action="store_true", help="record failures and go on")
     p.add_argument("--append", action="store_true",
                    help="merge with the runs already in OUT/NAME.json (several invocations with "
-                        "different matrices build one table)")
+                        "different matrices build one table; a cell measured again replaces "
+                        "its earlier runs)")
     p.add_argument("--rerender", action="store_true",
                    help="measure nothing: re-evaluate the targets and rewrite NAME.md and "
                         "NAME.png from the runs in OUT/NAME.json (no root needed)")
@@ -773,6 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     errors: list[str] = []
     shapes: list[str] = []
+    measured: set[Cell] = set()
     tag = 0
     try:
         full = {pl: series(cache, slices=a.slices, kind=pl, rows=a.rows, cols=a.cols)
@@ -794,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         sub = files[:k]
                         full_bytes = sum(f.stat().st_size for f in files)
                         vs = variants(methods, node_counts, regime)
+                        measured.update((profile, regime, payload, m, n) for m, n in vs)
                         for r in range(a.repeats):
                             order = vs[r % len(vs):] + vs[: r % len(vs)]
                             for method, n in order:
@@ -824,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import json
 
         prev = json.loads(prev_path.read_text())
-        runs = runs_from_json(prev) + runs
+        runs = merge_runs(runs_from_json(prev), runs, measured)
         errors = prev.get("errors", []) + errors
         shapes = prev.get("shapes", []) + shapes
         commands = prev.get("commands", [prev.get("command", "")]) + commands

@@ -19,7 +19,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.table4 import check_targets, like_for_like, parse_scale, relabel  # noqa: E402
+from bench.table4 import (  # noqa: E402
+    Run,
+    check_targets,
+    like_for_like,
+    merge_runs,
+    parse_scale,
+    relabel,
+    summarize_runs,
+)
 from transfer.synth import generate_series  # noqa: E402
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="vsftpd upload dir and labs need root")
@@ -50,6 +58,26 @@ def test_scale_parsing() -> None:
     assert parse_scale("adsl=0.1", ["lan", "adsl"]) == {"lan": 1.0, "adsl": 0.1}
     with pytest.raises(SystemExit):
         parse_scale("2", ["lan"])
+
+
+def test_append_replaces_a_cell_measured_again_and_keeps_the_others() -> None:
+    def run(method: str, nodes: int, files: int, seconds: float) -> Run:
+        return Run(profile="adsl", regime="perflow", payload="compressed", method=method,
+                   nodes=nodes, repeat=0, files=files, bytes=files * 1000,
+                   full_bytes=360_000, wall_s=seconds, tool_s=seconds)
+
+    prev = [run("medstream", 5, 7, 10.0), run("medstream", 5, 7, 12.0),
+            run("medstream-c1", 1, 7, 50.0)]
+    new = [run("medstream", 5, 90, 100.0)]
+    measured = {("adsl", "perflow", "compressed", "medstream", 5)}
+    merged = merge_runs(prev, new, measured)
+    assert merged == [prev[2], new[0]]
+    cells = {(s["method"], s["nodes"]): s for s in summarize_runs(merged)}
+    assert cells["medstream", 5]["files"] == 90 and cells["medstream", 5]["repeats"] == 1
+    assert cells["medstream", 5]["scale"] == 0.25
+    assert cells["medstream-c1", 1]["files"] == 7
+    # a cell this invocation did not measure is kept as it was, even if it failed every time
+    assert merge_runs(prev, [], set()) == prev
 
 
 def test_targets_are_judged_from_figures() -> None:
