@@ -100,6 +100,35 @@ def stop(proc: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
         proc.wait(timeout=timeout)
 
 
+def stop_group(proc: subprocess.Popen[Any] | None) -> None:
+    """End a server and the children it forked into its session (storescp --fork)."""
+    if proc is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    stop(proc)
+
+
+def start_server(spawn: Spawner, argv: Sequence[str], log: Path, host: str,
+                 ports: Sequence[int], *, env: Mapping[str, str] | None = None,
+                 group: bool = False) -> subprocess.Popen[Any]:
+    """Spawn a server in its own session (output appended to ``log``) and wait until it listens
+    on every port. If the wait fails or is interrupted (Ctrl-C, SIGTERM), the server is stopped
+    before the error goes on: its caller never got the handle, so nothing else would stop it."""
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = spawn(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                     stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        out.close()
+    try:
+        for port in ports:
+            wait_port(host, port, proc=proc)
+    except BaseException:
+        (stop_group if group else stop)(proc)
+        raise
+    return proc
+
+
 @dataclass
 class Timed:
     """One timed child process: wall seconds, exit code, peak RSS (KiB, from wait4), output."""
@@ -152,13 +181,22 @@ def run_timed(argv: Sequence[str], *, spawn: Spawner = local_popen,
         result["status"] = status
         result["rss"] = ru.ru_maxrss
 
-    waiter = threading.Thread(target=reap, daemon=True)
-    waiter.start()
-    waiter.join(timeout)
-    if waiter.is_alive():
+    def kill() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         waiter.join(10)
+        if rss_file is not None:
+            rss_file.unlink(missing_ok=True)
+
+    waiter = threading.Thread(target=reap, daemon=True)
+    waiter.start()
+    try:
+        waiter.join(timeout)
+    except BaseException:  # Ctrl-C or SIGTERM: the client must not outlive the harness
+        kill()
+        raise
+    if waiter.is_alive():
+        kill()
         raise BenchError(f"{Path(argv[0]).name} did not finish within {timeout:.0f}s")
     proc.returncode = os.waitstatus_to_exitcode(result["status"])
     for t in readers:
@@ -265,13 +303,8 @@ class Vsftpd:
         if self.tls is not None:
             text += VSFTPD_TLS_CONF.format(cert=self.tls[0], key=self.tls[1])
         conf.write_text(text)
-        log = open(self.workdir / "vsftpd.out", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = self.spawn([exe, str(conf)], stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        wait_port(self.bind, self.port, proc=self.proc)
+        self.proc = start_server(self.spawn, [exe, str(conf)], self.workdir / "vsftpd.out",
+                                 self.bind, [self.port])
         return self
 
     def stop(self) -> None:
@@ -297,25 +330,16 @@ class Storescp:
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host) if self.host.startswith("127.") else 11112
-        log = open(self.workdir / "storescp.out", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = self.spawn(
-                [exe, "--fork", "+xa", "-dhl", "-pdu", "131072", "-od", str(self.out), "-aet",
-                 "BENCHSCP",
-                 str(self.port)],
-                env={"TCP_NODELAY": "1"}, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        wait_port(self.host, self.port, proc=self.proc)
+        self.proc = start_server(
+            self.spawn, [exe, "--fork", "+xa", "-dhl", "-pdu", "131072", "-od", str(self.out),
+                         "-aet", "BENCHSCP", str(self.port)],
+            self.workdir / "storescp.out", self.host, [self.port],
+            env={"TCP_NODELAY": "1"}, group=True)
         return self
 
     def stop(self) -> None:
         # --fork children are in the same session: end the whole group we started
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-        stop(self.proc)
+        stop_group(self.proc)
 
 
 def storescu_argv(host: str, port: int, files: Sequence[Path], *, rle: bool) -> list[str]:
@@ -362,15 +386,8 @@ class Transferd:
             argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
             if self.token_file is not None:
                 argv += ["--token-file", str(self.token_file)]
-        log = open(self.workdir / "transferd.out", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = self.spawn(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        wait_port(self.bind, self.port, proc=self.proc)
-        if self.erl3d_port:
-            wait_port(self.bind, self.erl3d_port, proc=self.proc)
+        self.proc = start_server(self.spawn, argv, self.workdir / "transferd.out", self.bind,
+                                 [self.port, *([self.erl3d_port] if self.erl3d_port else [])])
         return self
 
     def stop(self) -> None:

@@ -331,8 +331,8 @@ def render_md(data: dict[str, Any]) -> str:
         "all servers on 127.0.0.1 with storage on tmpfs; time = client spawn to exit.",
         f"Command: `{data['command']}`  ",
         f"Run at {data['started']} on {data['machine']['cpus']} CPUs "
-        f"(load average at start {data['machine']['loadavg_start'][0]:.2f}; the machine is shared "
-        "with other engineers' jobs, so absolute figures move between runs).",
+        f"(load average at start {data['machine']['loadavg_start'][0]:.2f}; absolute figures "
+        "move between runs with the machine's load, the ratios much less).",
         "",
         "| method | security | median MB/s | mean ± sd MB/s | median s | client peak RSS MB |",
         "|---|---|---|---|---|---|",
@@ -475,4 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("loopback: interrupted; the servers were stopped and the work directory removed, "
+              "no results written", file=sys.stderr)
+        sys.exit(130)

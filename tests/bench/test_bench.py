@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -153,6 +155,75 @@ def test_loopback_harness_on_a_tiny_series(tmp_path: Path) -> None:
 
 
 @pytest.mark.lab
+def _descendants(root: int) -> set[tuple[int, str]]:
+    """(pid, start time) of every live descendant of ``root``, from /proc."""
+    parent: dict[int, int] = {}
+    start: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d.name)] = int(fields[1])
+        start[int(d.name)] = fields[19]
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        for c, pp in parent.items():
+            if pp == p:
+                out.add((c, start[c]))
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == started and fields[0] != "Z"
+
+
+def test_loopback_stops_its_servers_and_removes_its_work_dir_on_sigterm(
+        tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "loopback.py"), "--slices", "4", "--rows", "64",
+         "--cols", "64", "--repeats", "500", "--rss-slices", "0", "--tmp", str(tmp_path),
+         "--out", str(tmp_path / "out"), "--methods", "medstream-plain-5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = tmp_path / f"medstream-bench-{proc.pid}"
+    try:
+        kids: set[tuple[int, str]] = set()
+        for _ in range(600):  # up to 60 s for the first daemons to be up
+            kids = _descendants(proc.pid)
+            daemons = [pid for pid, _ in kids
+                       if b"transferd" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            if len(daemons) >= 2 and work.is_dir():
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        else:
+            pytest.fail("no transferd came up within 60 s")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not work.exists()
+    assert not (tmp_path / "out" / "loopback.json").exists()
+    for _ in range(100):  # daemons are stopped before the harness exits; allow reaping
+        left = [pid for pid, st in kids if _alive(pid, st)]
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left, f"left running after SIGTERM: {left}"
+
+
 @needs_root
 def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     out = tmp_path / "out"
