@@ -459,10 +459,26 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def code_version() -> str:
+    """The commit the measured code is at (short hash), with ``+changes`` if ``transfer/`` or
+    ``labnet/`` differ from it; empty outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=7", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "transfer", "labnet"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict[str, Any]:
     import platform
 
     info: dict[str, Any] = {
+        "code": code_version(),
         "python": platform.python_version(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),

@@ -59,6 +59,7 @@ from bench.common import (  # noqa: E402
     Storescp,
     Transferd,
     Vsftpd,
+    code_version,
     machine_info,
     need_tool,
     run_timed,
@@ -177,6 +178,7 @@ class Bench:
         self.connections = connections
         self.base = base
         self.tls = tls
+        self.code = code_version()
         self.ws = lab.add_host("ws", sshd=False)
         self.srv = lab.add_host("srv", sshd=False)
         names = [f"node-{i:02d}" for i in range(1, nodes + 1)]
@@ -331,7 +333,8 @@ def run_one(b: Bench, profile: str, regime: str, payload: str, method: str, node
             raise BenchError(f"{method} x{nodes}: exit {res.returncode}: "
                              f"{tail(res.stderr or res.stdout)}")
         tool_s, wire = res.seconds, None
-        extra: dict[str, Any] = {"client_rss_mb": round(res.maxrss_kb / 1024, 1)}
+        extra: dict[str, Any] = {"client_rss_mb": round(res.maxrss_kb / 1024, 1),
+                                 "code": b.code}
         if report.exists():
             import json
 
@@ -396,6 +399,7 @@ def summarize_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "client_rss_mb_max": max(r.extra.get("client_rss_mb", 0) for r in rs),
             "connections_per_node": rs[0].extra.get("connections_per_node"),
             "connections_max": max((r.extra.get("connections_max") or 0) for r in rs) or None,
+            "code": ",".join(sorted({r.extra.get("code") or "unrecorded" for r in rs})),
         })
     return out
 
@@ -492,6 +496,18 @@ def render_md(data: dict[str, Any]) -> str:
         "client process lifetime instead (Python start-up, scan and all).",
         "",
     ]
+    codes: dict[str, list[str]] = {}
+    for c in summary:
+        codes.setdefault(c.get("code") or "unrecorded", []).append(
+            f"{c['profile']}/{c['regime']}/{c['payload']} {c['method']} x{c['nodes']}")
+    if len(codes) == 1:
+        lines += [f"Code measured (commit of transfer/ and labnet/): {next(iter(codes))}.", ""]
+    else:
+        most = max(codes, key=lambda k: len(codes[k]))
+        lines += ["Code measured (commit of transfer/ and labnet/), by cell:", ""]
+        lines += [f"- {code} ({len(cells)} cells): " + ", ".join(cells)
+                  for code, cells in codes.items() if code != most]
+        lines += [f"- {most}: the other {len(codes[most])} cells", ""]
     for regime in cfg["regimes"]:
         for payload in cfg["payloads"]:
             rows = [p for p in cfg["profiles"] if _find(summary, profile=p, regime=regime,

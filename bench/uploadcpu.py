@@ -108,7 +108,7 @@ def render_md(data: dict[str, Any]) -> str:
     c = data["config"]
     lines = [
         "# Uploader CPU and memory on loopback (diagnostic)", "",
-        f"Series: {c['slices']} raw slices {c['rows']}x{c['cols']}, {c['series_mb']:.0f} MB on tmpfs; "
+        f"Series: {c['slices']} {c.get('kind', 'raw')} slices {c['rows']}x{c['cols']}, {c['series_mb']:.0f} MB on tmpfs; "
         f"{c['repeats']} repeat(s) per case, figures are the median run by wall time. "
         f"Command: `{data['command']}`; run at {data['started']}, load average at start "
         f"{data['machine']['loadavg_start'][0]:.2f}, {data['machine']['cpus']} CPUs.", "",
@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=360)
     p.add_argument("--rows", type=int, default=640)
     p.add_argument("--cols", type=int, default=640)
+    p.add_argument("--kind", choices=("raw", "compressed"), default="raw",
+                   help="raw slices (default) or the RLE-compressed series of table4's "
+                        "'compressed' payload (about 220 KB a slice)")
     p.add_argument("--nodes", default="1,5", help="node counts (default 1,5)")
     p.add_argument("--tls", action="store_true", help="only TLS + token (default: both)")
     p.add_argument("--malloc", default="none,mmap256k",
@@ -153,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nodes = [int(n) for n in a.nodes.split(",") if n.strip()]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     machine = machine_info()
-    files = series(a.tmp / "medstream-bench-cache", slices=a.slices, kind="raw", rows=a.rows,
+    files = series(a.tmp / "medstream-bench-cache", slices=a.slices, kind=a.kind, rows=a.rows,
                    cols=a.cols, seed=1 if a.slices > 360 else 0)  # the series loopback.py uses
     src = files[0].parent
     work = a.tmp / f"medstream-uploadcpu-{os.getpid()}"
@@ -178,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join(["bench/uploadcpu.py",
                                  *(argv if argv is not None else sys.argv[1:])]),
             "started": started, "machine": machine,
-            "config": {"slices": a.slices, "rows": a.rows, "cols": a.cols, "series_mb": sum(f.stat().st_size for f in files) / 1e6,
+            "config": {"slices": a.slices, "kind": a.kind, "rows": a.rows, "cols": a.cols,
+                       "series_mb": sum(f.stat().st_size for f in files) / 1e6,
                        "repeats": a.repeats},
             "cases": cases}
     write_json(a.out / f"{a.name}.json", data)

@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from bench.common import code_version  # noqa: E402
 from bench.table4 import (  # noqa: E402
     Run,
     check_targets,
@@ -154,7 +155,6 @@ def test_loopback_harness_on_a_tiny_series(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
 
 
-@pytest.mark.lab
 def _descendants(root: int) -> set[tuple[int, str]]:
     """(pid, start time) of every live descendant of ``root``, from /proc."""
     parent: dict[int, int] = {}
@@ -224,6 +224,7 @@ def test_loopback_stops_its_servers_and_removes_its_work_dir_on_sigterm(
     assert not left, f"left running after SIGTERM: {left}"
 
 
+@pytest.mark.lab
 @needs_root
 def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -258,6 +259,22 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     assert re.returncode == 0, re.stderr[-2000:]
     assert (out / "table4.md").read_text() == md
     assert json.loads((out / "table4.json").read_text())["runs"] == data["runs"]
+    # Every run names the code it measured; a table built from runs of two versions says which
+    # cells came from which.
+    code = code_version()
+    assert code and all(r["extra"]["code"] == code for r in data["runs"])
+    assert f"Code measured (commit of transfer/ and labnet/): {code}." in md
+    for r in data["runs"]:
+        if (r["regime"], r["method"], r["nodes"]) == ("shared", "ftp", 1):
+            r["extra"]["code"] = "0000000"
+    (out / "table4.json").write_text(json.dumps(data))
+    re = subprocess.run([sys.executable, str(REPO / "bench" / "table4.py"), "--rerender",
+                         "--out", str(out)], capture_output=True, text=True, timeout=120,
+                        check=False)
+    assert re.returncode == 0, re.stderr[-2000:]
+    md = (out / "table4.md").read_text()
+    assert "- 0000000 (1 cells): tanet/shared/compressed ftp x1\n" in md
+    assert f"- {code}: the other {len(data['summary']) - 1} cells" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
 
 
