@@ -460,18 +460,20 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def code_version() -> str:
-    """The commit the measured code is at (short hash), with ``+changes`` if ``transfer/`` or
-    ``labnet/`` differ from it; empty outside a git checkout."""
+    """The medstream code a figure measures: the last commit that changed ``transfer/*.py``
+    (short hash), with ``+changes`` if those files differ from it; empty outside git. Commits
+    to the benchmarks or the docs do not change it."""
+    git = ["git", "-C", str(REPO)]
     try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=7", "HEAD"],
+        last = subprocess.run([*git, "log", "-1", "--format=%h", "--", "transfer/*.py"],
                               capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
+        if last.returncode != 0:
             return ""
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                                "transfer", "labnet"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "transfer/*.py"],
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    return last.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def machine_info() -> dict[str, Any]:

@@ -501,10 +501,10 @@ def render_md(data: dict[str, Any]) -> str:
         codes.setdefault(c.get("code") or "unrecorded", []).append(
             f"{c['profile']}/{c['regime']}/{c['payload']} {c['method']} x{c['nodes']}")
     if len(codes) == 1:
-        lines += [f"Code measured (commit of transfer/ and labnet/): {next(iter(codes))}.", ""]
+        lines += [f"Code measured (transfer/ as of commit): {next(iter(codes))}.", ""]
     else:
         most = max(codes, key=lambda k: len(codes[k]))
-        lines += ["Code measured (commit of transfer/ and labnet/), by cell:", ""]
+        lines += ["Code measured (transfer/ as of commit), by cell:", ""]
         lines += [f"- {code} ({len(cells)} cells): " + ", ".join(cells)
                   for code, cells in codes.items() if code != most]
         lines += [f"- {most}: the other {len(codes[most])} cells", ""]

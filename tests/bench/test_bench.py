@@ -263,7 +263,7 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     # cells came from which.
     code = code_version()
     assert code and all(r["extra"]["code"] == code for r in data["runs"])
-    assert f"Code measured (commit of transfer/ and labnet/): {code}." in md
+    assert f"Code measured (transfer/ as of commit): {code}." in md
     for r in data["runs"]:
         if (r["regime"], r["method"], r["nodes"]) == ("shared", "ftp", 1):
             r["extra"]["code"] = "0000000"
