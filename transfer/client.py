@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import ssl
+import struct
 import sys
 import time
 from collections import deque
@@ -76,6 +77,15 @@ WINDOW = 16  # files in flight per connection (pipelining, no round trip per fil
 # a connection capped at 12.5 Mbit/s took 2 MiB, 1.3 s of sending, at its first reads.)
 COMMIT_MIN = 256 << 10
 COMMIT_HORIZON = 0.05
+# On a connection too slow for COMMIT_HORIZON to reach COMMIT_MIN (under 5 MB/s), or whose rate is
+# not known yet, the floor alone would let it take a second file while most of the first is still
+# to be sent: a 214 KB slice on a 0.25 Mbit/s flow holds the next one 7 s, out of reach of the
+# connections that free up meanwhile (30 nodes on a capped 2 Mbit/s link ran at 80% of it, their
+# last files queued behind others). There it takes its next file once what it has written but
+# the node's TCP has not yet acknowledged (read from the kernel: TCP_INFO) is below DRAIN_MIN, or
+# COMMIT_HORIZON at its rate: early enough that the socket never runs dry, late enough to bind
+# one file at a time.
+DRAIN_MIN = 64 << 10
 DEFAULT_BUDGET = 32 << 20  # bytes of file bodies read ahead / in flight, across all nodes
 CONNECT_TIMEOUT = 10.0
 # Upload connections being opened (TCP, TLS handshake, HELLO) at once, across all nodes. Opening
@@ -877,6 +887,7 @@ class _Uploader:
         self.stats.connections = max(self.stats.connections, self._sessions)
         assert s.writer is not None
         writer = s.writer
+        wire = _Wire(writer)
         # Each chunk is copied into the transport when written (asyncio's SSL transport keeps a
         # reference to what it cannot pass on at once), so its pool buffer is free again at once.
         # The transport may then hold up to two chunks: enough to keep the socket fed while the
@@ -907,13 +918,29 @@ class _Uploader:
             return sum(lf.size for lf in taken) + sum(lf.size for lf in inflight)
 
         async def room() -> None:
-            """Wait until this connection may take another file (see COMMIT_HORIZON)."""
+            """Wait until this connection may take another file (see COMMIT_HORIZON and
+            DRAIN_MIN)."""
             while taken or inflight:
                 rate = acked_bytes / max(1e-3, time.monotonic() - first_sent) if first_sent else 0
-                if committed() < max(COMMIT_MIN, rate * COMMIT_HORIZON):
-                    return
+                horizon = rate * COMMIT_HORIZON
+                wait: float | None = None
+                if committed() < max(COMMIT_MIN, horizon):
+                    drain = None if horizon >= COMMIT_MIN else wire.backlog()
+                    if drain is None:
+                        return
+                    left = drain[0] + sum(lf.size for lf in taken)
+                    tcp_rate = drain[1]
+                    bound = max(DRAIN_MIN, horizon, tcp_rate * COMMIT_HORIZON)
+                    if left < bound:
+                        return
+                    # Look again when it should have drained (or at the next ACK).
+                    wait = min(0.25, max(0.005, (left - bound) / tcp_rate)) if tcp_rate else 0.05
                 acked.clear()
-                await acked.wait()
+                if wait is None:
+                    await acked.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(acked.wait(), wait)
 
         async def put(item: tuple[LocalFile, bytearray | None, int | str, bool]) -> None:
             try:
@@ -1058,7 +1085,7 @@ class _Uploader:
                 if lf is _CHECK_LF:
                     want, fut = checks.popleft()
                     next_req += 1
-                    writer.write(s.conn.send(Request(next_req, "have", {"items": want})))
+                    wire.write(s.conn.send(Request(next_req, "have", {"items": want})))
                     asked.append(fut)
                     continue
                 if current is None:
@@ -1080,7 +1107,7 @@ class _Uploader:
                         first_sent = time.monotonic()
                     drained.clear()
                     current = lf
-                    self._send_header(s.conn, writer, lf, next_id)
+                    self._send_header(s.conn, wire, lf, next_id)
                     next_id += 1
                     enc = BodyEncoder(self.compression) if self.compression != "none" else None
                     left = lf.size
@@ -1092,24 +1119,24 @@ class _Uploader:
                     if enc is None:
                         while left > 0:
                             pad = min(left, limit)
-                            writer.write(s.conn.send(Data(bytes(pad))))
+                            wire.write(s.conn.send(Data(bytes(pad))))
                             left -= pad
-                            await writer.drain()
+                            await wire.drain()
                     else:
                         tail = enc.flush()
                         if tail:
-                            writer.write(s.conn.send(Data(tail)))
-                    writer.write(s.conn.send(EndOfBody()))
+                            wire.write(s.conn.send(Data(tail)))
+                    wire.write(s.conn.send(EndOfBody()))
                     current = None
                     continue
                 assert isinstance(n, int)
                 left -= n
                 try:
-                    await self._send_chunk(s.conn, writer, enc, buf, n, last, limit)
+                    await self._send_chunk(s.conn, wire, enc, buf, n, last, limit)
                 finally:
                     pool.release(buf)  # the transport holds a copy, never a view of buf
                 if last:
-                    writer.write(s.conn.send(EndOfBody()))
+                    wire.write(s.conn.send(EndOfBody()))
                     current = None
                     self.progress.render()
             # All sent: wait for the remaining acks (or the ack reader's failure).
@@ -1155,9 +1182,7 @@ class _Uploader:
             self._sessions -= 1
             await s.close()
 
-    def _send_header(
-        self, conn: Connection, writer: asyncio.StreamWriter, lf: LocalFile, file_id: int
-    ) -> None:
+    def _send_header(self, conn: Connection, writer: _Wire, lf: LocalFile, file_id: int) -> None:
         writer.write(
             conn.send(
                 FileHeader(
@@ -1177,7 +1202,7 @@ class _Uploader:
     async def _send_chunk(
         self,
         conn: Connection,
-        writer: asyncio.StreamWriter,
+        writer: _Wire,
         enc: BodyEncoder | None,
         buf: bytearray,
         n: int,
@@ -1202,6 +1227,59 @@ class _Uploader:
             self.stats.wire_bytes += len(out)
             self.progress.sent += len(out)
         await writer.drain()
+
+
+_TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64, Linux >= 4.1) in struct tcp_info
+
+
+def _tcp_bytes_acked(sock: Any) -> int | None:
+    """Bytes of this connection's stream the peer's TCP has acknowledged (Linux), else None."""
+    opt = getattr(socket, "TCP_INFO", None)
+    if sock is None or opt is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, opt, _TCP_INFO_BYTES_ACKED + 8)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES_ACKED + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, _TCP_INFO_BYTES_ACKED)[0])
+
+
+class _Wire:
+    """A session's writer that counts what it writes, in TCP stream bytes (TLS records
+    included), so that :meth:`backlog` can tell how much the node has not received yet."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        sslobj = writer.get_extra_info("ssl_object")
+        # Per TLS record of up to 16 KiB: header, tag (and 1.3's content type or 1.2's nonce).
+        self.record_overhead = (
+            0 if sslobj is None else (22 if sslobj.version() == "TLSv1.3" else 29)
+        )
+        self.sock = writer.get_extra_info("socket")
+        self.base = _tcp_bytes_acked(self.sock)
+        self.written = 0
+        self.started = 0.0  # the first write (a connection may open ahead of its first file)
+
+    def write(self, data: bytes) -> None:
+        if not self.written:
+            self.started = time.monotonic()
+        self.writer.write(data)
+        n = len(data)
+        self.written += n + self.record_overhead * -(-n // 16384)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def backlog(self) -> tuple[int, float] | None:
+        """(bytes written and not yet acknowledged by the peer's TCP, the rate at which they
+        have been acknowledged so far), or None where the kernel does not say."""
+        now = _tcp_bytes_acked(self.sock)
+        if now is None or self.base is None:
+            return None
+        done = now - self.base
+        return max(0, self.written - done), done / max(1e-3, time.monotonic() - self.started)
 
 
 _END_LF = LocalFile(Path(), "", 0, "", "other")  # the reader's end marker

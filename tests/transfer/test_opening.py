@@ -4,8 +4,12 @@ once the files they were opened for have gone on other connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transfer_helpers import MinimalNode, make_series
@@ -129,3 +133,126 @@ def test_hand_overs_stop_at_one_connection_per_queued_file(
     assert rep["ok"], rep["failed"]
     assert len(stored) == 7
     assert accepted == [3, 1, 1, 1, 1]
+
+
+def test_a_slow_connection_takes_its_next_file_as_the_last_one_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a connection too slow for the commitment horizon, the COMMIT_MIN floor alone would
+    take a second 247 KB file while most of the first is still to be sent. The uploader takes
+    it once what the node's TCP has not acknowledged is below DRAIN_MIN: every FILE after the
+    first goes out with less than that outstanding, and still before the previous file's ACK
+    (the socket never runs dry). The node reads 0.5 MB/s, and at most about 64 KB wait unread in
+    its receive buffer and its stream reader (here, without the rule, FILE 2 went out with
+    183 KB outstanding)."""
+    make_series(tmp_path / "s", 4, rows=320, cols=384, seed=24)  # ~247 KB a file
+    assert all(f.stat().st_size < client.COMMIT_MIN for f in (tmp_path / "s").iterdir())
+    files = scan(tmp_path / "s").files
+    events: list[tuple[str, int]] = []
+    send_header, done = client._Uploader._send_header, client._Uploader._done
+
+    def header(self: client._Uploader, conn: Any, wire: Any, *a: Any) -> None:
+        drain = wire.backlog()
+        assert drain is not None  # Linux: TCP_INFO
+        events.append(("FILE", drain[0]))
+        send_header(self, conn, wire, *a)
+
+    def acked(self: client._Uploader, *a: Any) -> None:
+        events.append(("ACK", 0))
+        done(self, *a)
+
+    monkeypatch.setattr(client._Uploader, "_send_header", header)
+    monkeypatch.setattr(client._Uploader, "_done", acked)
+    seen: dict[str, int] = {}
+    stored: list[str] = []
+
+    async def main() -> dict[str, object]:
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited on accept
+        lsock.bind(("127.0.0.1", 0))
+        server = await asyncio.start_server(
+            MinimalNode(seen, stored, read_rate=5e5).handle, sock=lsock, limit=16384
+        )
+        addr = NodeAddr("127.0.0.1", lsock.getsockname()[1], "n")
+        async with server, asyncio.timeout(30):
+            rep = await upload_files(
+                files, [addr], Credentials.plaintext(), connections_per_node=1, resume=False
+            )
+        return rep.as_dict()
+
+    rep = asyncio.run(main())
+    assert rep["ok"], rep["failed"]
+    assert len(stored) == 4
+    kinds = [k for k, _ in events]
+    assert kinds.count("FILE") == 4 and kinds[-1] == "ACK"
+    later = [left for k, left in events[1:] if k == "FILE"]
+    assert all(left < client.DRAIN_MIN for left in later), events
+    # Pipelined still: each file after the first went out before its predecessor's ACK.
+    assert kinds[:2] == ["FILE", "FILE"] and kinds[1:7:2] == ["FILE"] * 3, kinds
+
+
+@pytest.mark.parametrize("tls", [None, "TLSv1_2", "TLSv1_3"])
+def test_the_wire_counts_what_the_peer_has_not_received_yet(
+    tls: str | None, pki_dir: Path, tmp_path: Path
+) -> None:
+    """``_Wire.backlog`` is what was written minus what the peer's TCP acknowledged: 0 once a
+    peer has read everything, TLS records included (22 bytes each in 1.3, 29 in 1.2), and
+    most of what it has not read while it reads nothing (through a 16 KB receive buffer and
+    a 16 KB stream reader limit; asyncio's TLS layer still reads up to about 512 KB ahead)."""
+    from transfer.config import DaemonConfig
+    from transfer.daemon import server_ssl_context
+
+    got = asyncio.Queue[int]()
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        n = 0
+        while data := await reader.read(1 << 16):
+            n += len(data)
+            if n >= total:
+                await got.put(n)
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+    sizes = [100, 16384, 16385, 2_000_000, 7]  # one record, exactly one, two, many, a tiny one
+    total = sum(sizes)
+
+    async def main() -> tuple[tuple[int, float] | None, tuple[int, float] | None, str | None]:
+        sctx = cctx = None
+        if tls is not None:
+            cfg = DaemonConfig(
+                tls_cert=str(pki_dir / "node.crt"), tls_key=str(pki_dir / "node.key")
+            )
+            sctx = server_ssl_context(cfg)
+            sctx.maximum_version = getattr(ssl.TLSVersion, tls)
+            cctx = client.client_ssl_context(str(pki_dir / "ca.crt"))
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited on accept
+        lsock.bind(("127.0.0.1", 0))
+        server = await asyncio.start_server(handle, sock=lsock, ssl=sctx, limit=16384)
+        port = lsock.getsockname()[1]
+        async with server, asyncio.timeout(10):
+            _, w = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
+            wire = client._Wire(w)
+            for n in sizes:
+                wire.write(bytes(n))
+            await wire.drain()
+            await asyncio.sleep(0.2)
+            unread = wire.backlog()  # the peer reads nothing yet: its buffers fill, then stop
+            release.set()
+            assert await got.get() == total
+            await asyncio.sleep(0.1)  # the last TCP ACK
+            done = wire.backlog()
+            version = w.get_extra_info("ssl_object").version() if tls else None
+            w.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await w.wait_closed()
+        return unread, done, version
+
+    unread, done, version = asyncio.run(main())
+    assert version == (tls.replace("_", ".") if tls else None)
+    assert unread is not None and done is not None
+    assert done[0] == 0 and done[1] > 0
+    assert total // 2 < unread[0] < total  # its small buffers held some of it, not most

@@ -115,7 +115,8 @@ class MinimalNode:
     ...)``), for the uploader's timing and failure paths: it answers HELLO after ``delay``
     seconds (``later`` from its second connection on, if given), drops the connection instead
     of answering the first ``drop_checks`` resume checks, answers the others "missing", and
-    ACKs each file after ``ack_delay`` with the digest of what it received. ``seen``, shared by
+    ACKs each file after ``ack_delay`` with the digest of what it received; with ``read_rate``
+    it reads no faster than that many bytes a second (a slow link). ``seen``, shared by
     every node of a test, counts connections accepted, checks asked and connections accepted
     but not yet welcomed (the most at once in ``most_opening``); ``stored`` gets each file's
     SOP Instance UID."""
@@ -129,12 +130,14 @@ class MinimalNode:
         later: float | None = None,
         ack_delay: float = 0.0,
         drop_checks: int = 0,
+        read_rate: float = 0.0,
     ) -> None:
         for key in ("accepted", "checks", "opening", "most_opening"):
             seen.setdefault(key, 0)
         self.seen, self.stored = seen, stored
         self.delay, self.later = delay, delay if later is None else later
         self.ack_delay, self.drop_checks = ack_delay, drop_checks
+        self.read_rate = read_rate
         self.accepted = 0  # this node's own connections
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -149,7 +152,10 @@ class MinimalNode:
         digest, file_id = hashlib.sha256(), -1
         try:
             while True:
-                conn.receive_data(await reader.read(1 << 16))
+                data = await reader.read(1 << 16)
+                if self.read_rate and data:
+                    await asyncio.sleep(len(data) / self.read_rate)
+                conn.receive_data(data)
                 while (ev := conn.next_event()) is not NEED_DATA:
                     if isinstance(ev, Hello):
                         await asyncio.sleep(delay)
