@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: transferd, transfer
@@ -214,6 +214,17 @@ def run_timed(argv: Sequence[str], *, spawn: Spawner = local_popen,
         stdout=b"".join(chunks[out_r]).decode(errors="replace"),
         stderr=b"".join(chunks[err_r]).decode(errors="replace"),
     )
+
+
+def run_cli(main: Callable[[], int], interrupted: str) -> NoReturn:
+    """Exit with ``main()``'s status; on Ctrl-C, or SIGTERM where the script routes it to
+    ``signal.default_int_handler``, with 130 and ``interrupted`` on stderr (by then the
+    script's ``finally`` blocks have stopped its servers and removed its files)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
 
 
 def tail(text: str, lines: int = 5) -> str:

@@ -58,6 +58,7 @@ from bench.common import (  # noqa: E402
     machine_info,
     make_pki,
     need_tool,
+    run_cli,
     run_timed,
     scratch,
     series,
@@ -475,9 +476,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("loopback: interrupted; the servers were stopped and the work directory removed, "
-              "no results written", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, "loopback: interrupted; the servers were stopped and the work directory removed, "
+            "no results written")

@@ -62,6 +62,7 @@ from bench.common import (  # noqa: E402
     code_version,
     machine_info,
     need_tool,
+    run_cli,
     run_timed,
     series,
     storescu_argv,
@@ -899,9 +900,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("table4: interrupted; the lab and the work directory were removed, no results "
-              "written", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, "table4: interrupted; the lab and the work directory were removed, no results "
+            "written")
