@@ -64,11 +64,16 @@ from transfer.storage import safe_name
 CHUNK = 1 << 20  # file bodies are read and sent in chunks of this size (one DATA frame each)
 READ_SIZE = 1 << 18
 MAX_CONNECTIONS = 16  # all nodes together (see connections_for)
-# Queued on a node (and at least one whole file) before a finished node's connection moves there.
-# One file is enough where each connection is capped (a per-flow limit: a 220 KB slice takes 140 ms
-# on an eighth of 100 Mbit/s, a handshake a few); the floor keeps tiny files from paying a
-# handshake each. (At 4 MiB, measured: the hand-over never fired on 36-slice runs.)
+# Queued on a node (and at least one whole file) before a finished node's connection moves there:
+# HANDOVER_MIN_BYTES, or less if it would take this node's connections HANDOVER_MIN_SECONDS to
+# send at the rate each has achieved. One file is enough where each connection is slow (a
+# per-flow limit: a 214 KB slice takes 140 ms on an eighth of 100 Mbit/s and 7 s on an eighth of
+# 2 Mbit/s, a handshake a few ms); on a fast connection the floor keeps a file from paying a
+# handshake that costs about as long as sending it. (At 4 MiB, measured: the hand-over never
+# fired on 36-slice runs. At 256 KiB alone, 5 nodes with one 0.25 Mbit/s flow each: each node's
+# last slice waited 7 s behind its previous one while finished nodes' flows stood idle.)
 HANDOVER_MIN_BYTES = 256 << 10
+HANDOVER_MIN_SECONDS = 0.1
 WINDOW = 16  # files in flight per connection (pipelining, no round trip per file)
 # A connection takes its next file from the node's queue only while what it holds unacknowledged
 # (taken, buffered, on the wire, being verified) is below COMMIT_MIN or COMMIT_HORIZON seconds
@@ -750,22 +755,36 @@ class _Uploader:
     def queued_bytes(self) -> int:
         return sum(lf.size for lf in self.queue)
 
+    def connection_rate(self) -> float:
+        """Bytes per second that each of this node's open connections has stored so far (0
+        until one file is acknowledged)."""
+        elapsed = time.monotonic() - self.stats.started
+        if not self.stats.bytes or elapsed <= 0:
+            return 0.0
+        return self.stats.bytes / elapsed / max(1, self._sessions)
+
     def can_take_connection(self) -> bool:
-        """Worth another connection: every file is known, and a whole file and at least
-        ``HANDOVER_MIN_BYTES`` wait to be sent, so that the new connection starts one at once
-        (less would go as fast on the connections already open as through a new handshake),
-        and more files are queued than connections are on their way to take them (one each:
-        at the end of a thin shared link, 11 connections once piled onto one node's last files
-        and overflowed its 32-packet queue)."""
-        return (
+        """Worth another connection: every file is known, and a whole file waits to be sent,
+        so that the new connection starts one at once, and at least ``HANDOVER_MIN_BYTES`` of
+        them or ``HANDOVER_MIN_SECONDS`` at the rate of this node's connections (less would
+        go about as fast on the connections already open as through a new handshake); and more
+        files are queued than connections are on their way to take them (one each: at the end
+        of a thin shared link, 11 connections once piled onto one node's last files and
+        overflowed its 32-packet queue)."""
+        if not (
             self._tg is not None
             and self.intake_done
             and bool(self.queue)
-            and self.queued_bytes() >= HANDOVER_MIN_BYTES
             and len(self.queue) > len(self._joining)
             and self._workers < _Handover.PER_NODE_MAX
             and not self.last_error
-        )
+        ):
+            return False
+        queued = self.queued_bytes()
+        if queued >= HANDOVER_MIN_BYTES:
+            return True
+        rate = self.connection_rate()
+        return rate > 0 and queued >= rate * HANDOVER_MIN_SECONDS
 
     def add_connection(self) -> None:
         assert self._tg is not None

@@ -191,6 +191,56 @@ def test_a_slow_connection_takes_its_next_file_as_the_last_one_drains(
     assert kinds[:2] == ["FILE", "FILE"] and kinds[1:7:2] == ["FILE"] * 3, kinds
 
 
+@pytest.mark.parametrize("by_rate", [True, False])
+def test_a_slow_nodes_last_file_goes_on_a_finished_nodes_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by_rate: bool
+) -> None:
+    """Node n1 reads 0.25 MB/s (a slow flow) and has three files of ~247 KB, less than
+    HANDOVER_MIN_BYTES each; n2 has one file, acknowledged after 1.3 s. By then n1 has stored
+    its first file, is sending its second, and has one queued: a second's worth at its rate,
+    so n2's connection moves to n1 and sends it (n1 accepts two connections). With the byte
+    floor alone (the time rule switched off), one file is never enough and n1's last file
+    waits behind its second on the one connection."""
+    if not by_rate:
+        monkeypatch.setattr(client, "HANDOVER_MIN_SECONDS", float("inf"))
+    make_series(tmp_path / "s", 12, rows=320, cols=384, seed=25)
+    sc = scan(tmp_path / "s")
+    assert all(lf.size < client.HANDOVER_MIN_BYTES for lf in sc.files)
+    seen: dict[str, int] = {}
+    stored: list[str] = []
+
+    async def main() -> tuple[dict[str, object], list[int]]:
+        lsock = socket.socket()
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited on accept
+        lsock.bind(("127.0.0.1", 0))
+        slow = MinimalNode(seen, stored, read_rate=2.5e5)
+        quick = MinimalNode(seen, stored, ack_delay=1.3)
+        servers = [
+            await asyncio.start_server(slow.handle, sock=lsock, limit=16384),
+            await asyncio.start_server(quick.handle, "127.0.0.1", 0),
+        ]
+        addrs = [
+            NodeAddr("127.0.0.1", srv.sockets[0].getsockname()[1], f"n{i + 1}")
+            for i, srv in enumerate(servers)
+        ]
+        plan = assign(sc.files, addrs, 1)
+        files = plan[addrs[0]][:3] + plan[addrs[1]][:1]
+        try:
+            async with asyncio.timeout(30):
+                rep = await upload_files(
+                    files, addrs, Credentials.plaintext(), connections_per_node=1, resume=False
+                )
+        finally:
+            for srv in servers:
+                srv.close()
+        return rep.as_dict(), [slow.accepted, quick.accepted]
+
+    rep, accepted = asyncio.run(main())
+    assert rep["ok"], rep["failed"]
+    assert len(stored) == 4
+    assert accepted == ([2, 1] if by_rate else [1, 1])
+
+
 @pytest.mark.parametrize("tls", [None, "TLSv1_2", "TLSv1_3"])
 def test_the_wire_counts_what_the_peer_has_not_received_yet(
     tls: str | None, pki_dir: Path, tmp_path: Path
