@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from transfer_helpers import MinimalNode, make_series
 
 from transfer import client
-from transfer.client import Credentials, Progress, assign, scan, upload_files
+from transfer.client import Credentials, LocalFile, Progress, assign, scan, upload_files
 from transfer.config import NodeAddr
 
 
@@ -96,6 +97,42 @@ def test_a_connection_no_longer_wanted_when_its_turn_comes_is_not_opened(
     assert got is None and accepted == 0
 
 
+async def _upload_one_connection_each(
+    nodes: list[MinimalNode],
+    files: list[LocalFile],
+    pick: Callable[[list[list[LocalFile]]], list[LocalFile]],
+    socks: dict[int, socket.socket] | None = None,
+) -> tuple[dict[str, object], list[int]]:
+    """Serve each MinimalNode on loopback (on a given listening socket where ``socks`` has one),
+    place ``files`` on them, upload what ``pick`` takes from each node's share over one
+    connection per node (no resume check), and return the report and each node's accepted
+    connections."""
+    servers = [
+        await asyncio.start_server(n.handle, sock=socks[i], limit=16384)
+        if socks and i in socks
+        else await asyncio.start_server(n.handle, "127.0.0.1", 0)
+        for i, n in enumerate(nodes)
+    ]
+    addrs = [
+        NodeAddr("127.0.0.1", srv.sockets[0].getsockname()[1], f"n{i + 1}")
+        for i, srv in enumerate(servers)
+    ]
+    plan = assign(files, addrs, 1)
+    try:
+        async with asyncio.timeout(30):
+            rep = await upload_files(
+                pick([plan[a] for a in addrs]),
+                addrs,
+                Credentials.plaintext(),
+                connections_per_node=1,
+                resume=False,
+            )
+    finally:
+        for srv in servers:
+            srv.close()
+    return rep.as_dict(), [n.accepted for n in nodes]
+
+
 def test_hand_overs_stop_at_one_connection_per_queued_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,28 +145,13 @@ def test_hand_overs_stop_at_one_connection_per_queued_file(
     sc = scan(tmp_path / "s")
     seen: dict[str, int] = {}
     stored: list[str] = []
-
-    async def main() -> tuple[dict[str, object], list[int]]:
-        busy = MinimalNode(seen, stored, later=0.3, ack_delay=0.5)
-        nodes_ = [busy] + [MinimalNode(seen, stored) for _ in range(4)]
-        servers = [await asyncio.start_server(n.handle, "127.0.0.1", 0) for n in nodes_]
-        addrs = [
-            NodeAddr("127.0.0.1", srv.sockets[0].getsockname()[1], f"n{i}")
-            for i, srv in enumerate(servers)
-        ]
-        plan = assign(sc.files, addrs, 1)
-        files = plan[addrs[0]][:3] + [plan[a][0] for a in addrs[1:]]
-        try:
-            async with asyncio.timeout(30):
-                rep = await upload_files(
-                    files, addrs, Credentials.plaintext(), connections_per_node=1, resume=False
-                )
-        finally:
-            for srv in servers:
-                srv.close()
-        return rep.as_dict(), [n.accepted for n in nodes_]
-
-    rep, accepted = asyncio.run(main())
+    busy = MinimalNode(seen, stored, later=0.3, ack_delay=0.5)
+    nodes = [busy] + [MinimalNode(seen, stored) for _ in range(4)]
+    rep, accepted = asyncio.run(
+        _upload_one_connection_each(
+            nodes, sc.files, lambda shares: shares[0][:3] + [s[0] for s in shares[1:]]
+        )
+    )
     assert rep["ok"], rep["failed"]
     assert len(stored) == 7
     assert accepted == [3, 1, 1, 1, 1]
@@ -209,33 +231,16 @@ def test_a_slow_nodes_last_file_goes_on_a_finished_nodes_connection(
     seen: dict[str, int] = {}
     stored: list[str] = []
 
-    async def main() -> tuple[dict[str, object], list[int]]:
-        lsock = socket.socket()
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited on accept
-        lsock.bind(("127.0.0.1", 0))
-        slow = MinimalNode(seen, stored, read_rate=2.5e5)
-        quick = MinimalNode(seen, stored, ack_delay=1.3)
-        servers = [
-            await asyncio.start_server(slow.handle, sock=lsock, limit=16384),
-            await asyncio.start_server(quick.handle, "127.0.0.1", 0),
-        ]
-        addrs = [
-            NodeAddr("127.0.0.1", srv.sockets[0].getsockname()[1], f"n{i + 1}")
-            for i, srv in enumerate(servers)
-        ]
-        plan = assign(sc.files, addrs, 1)
-        files = plan[addrs[0]][:3] + plan[addrs[1]][:1]
-        try:
-            async with asyncio.timeout(30):
-                rep = await upload_files(
-                    files, addrs, Credentials.plaintext(), connections_per_node=1, resume=False
-                )
-        finally:
-            for srv in servers:
-                srv.close()
-        return rep.as_dict(), [slow.accepted, quick.accepted]
-
-    rep, accepted = asyncio.run(main())
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited on accept
+    lsock.bind(("127.0.0.1", 0))
+    slow = MinimalNode(seen, stored, read_rate=2.5e5)
+    quick = MinimalNode(seen, stored, ack_delay=1.3)
+    rep, accepted = asyncio.run(
+        _upload_one_connection_each(
+            [slow, quick], sc.files, lambda shares: shares[0][:3] + shares[1][:1], {0: lsock}
+        )
+    )
     assert rep["ok"], rep["failed"]
     assert len(stored) == 4
     assert accepted == ([2, 1] if by_rate else [1, 1])
