@@ -248,26 +248,10 @@ def test_commit_asks_pydicom_only_about_files_the_walk_cannot_vouch_for(
         *generate_series(tmp_path / "rle", slices=2, rows=32, cols=32, kind="compressed"),
     ]
     store = Store(tmp_path / "root")
-
-    def put(src: Path) -> str:
-        data = src.read_bytes()
-        info = inspect_path(src)
-        up = store.begin(
-            kind="dicom",
-            name=src.name,
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            study=info.study_uid,
-            series=info.series_uid,
-            sop=info.sop_uid,
-        )
-        up.write(data)
-        return up.commit().status
-
-    assert [put(f) for f in files] == ["stored"] * 4
+    assert [_put(store, f) for f in files] == ["stored"] * 4
     assert asked == []
     big = pydicom_sample("MR_small_bigendian.dcm")
-    assert put(big) == "stored"
+    assert _put(store, big) == "stored"
     assert asked == [big.stat().st_size]
 
 
