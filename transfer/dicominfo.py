@@ -1,5 +1,6 @@
-"""Header-only DICOM inspection: pydicom (the node, and the authority), and a quick element walk
-for the uploader's scan that defers to pydicom whenever it cannot vouch for a file."""
+"""Header-only DICOM inspection: pydicom (the authority), and a quick element walk, used by the
+uploader's scan and the node's validation alike, that defers to pydicom whenever it cannot
+vouch for a file."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
 
-from transfer.dicominfo import DicomInfo, inspect_fileobj, valid_uid
+from transfer.dicominfo import DicomInfo, inspect_fileobj, quick_info, valid_uid
 from transfer.errors import ConflictError, NotFoundError, StorageError, ValidationError
 
 TMP_PREFIX = ".tmp-"
@@ -202,18 +202,28 @@ class Upload:
         self.written += len(data)
 
     def _inspect(self) -> DicomInfo:
-        """Parse the header of what was written (pydicom). A file of up to ``_MEM_PARSE`` bytes
-        is read back with one ``pread`` and parsed in memory: pydicom seeks over every deferred
-        value, and on a file each seek is an ``lseek`` (about 80 for a CT slice), each of them
-        a hand-over of the GIL between this worker and the event loop."""
+        """Check the header of what was written: the element walk of
+        :func:`~transfer.dicominfo.quick_info` where it vouches for the file (well formed,
+        little endian, every element inside the file, valid UIDs: it never disagrees with
+        pydicom, and costs about a fiftieth), else pydicom, which decides and words the error.
+        (pydicom alone was about half of the node's CPU per 220 KB CT slice.) A file of up to
+        ``_MEM_PARSE`` bytes is read back with one ``pread`` and walked in memory: pydicom
+        seeks over every deferred value, and on a file each seek is an ``lseek`` (about 80 for
+        a CT slice), each of them a hand-over of the GIL between this worker and the event
+        loop."""
         assert self.tmp is not None
         if self.size <= _MEM_PARSE:
             try:
                 data = _pread_all(self._fd, self.size)
             except OSError as exc:
                 raise _storage_error(exc, f"reading back {self.rel}") from None
-            return inspect_fileobj(io.BytesIO(data), self.size)
+            info = quick_info(io.BytesIO(data), self.size)
+            return info if info is not None else inspect_fileobj(io.BytesIO(data), self.size)
         with open(self.tmp, "rb") as fp:
+            info = quick_info(fp, self.size)
+            if info is not None:
+                return info
+            fp.seek(0)
             return inspect_fileobj(fp, self.size)
 
     def abort(self) -> None:

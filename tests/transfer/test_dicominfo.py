@@ -1,5 +1,6 @@
-"""The uploader's quick header walk must never disagree with pydicom: it either returns exactly
-what pydicom's inspection returns, or ``None`` (pydicom then decides)."""
+"""The quick header walk (the uploader's scan and the node's validation) must never disagree
+with pydicom: it either returns exactly what pydicom's inspection returns, or ``None`` (pydicom
+then decides)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from transfer import storage
 from transfer.dicominfo import DicomInfo, inspect_path
 from transfer.errors import ConflictError, StorageError, ValidationError
 from transfer.storage import Store, safe_name
+from transfer.synth import generate_series
 
 GOOD = [
     "CT_small.dcm",
@@ -224,6 +225,34 @@ def test_commit_validates_what_was_written_in_memory_or_from_the_file(
         row = store.stat(sop=expected.sop_uid)
         assert row["transfer_syntax"] == expected.transfer_syntax
         assert (store.root / row["path"]).read_bytes() == data
+
+
+@pytest.mark.parametrize("read_back", ["in memory", "from the file"])
+def test_commit_asks_pydicom_only_about_files_the_walk_cannot_vouch_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_back: str
+) -> None:
+    """Plain little-endian slices (the generated CT series, raw and RLE) are checked by the
+    element walk alone; a big-endian file, which the walk declines, goes to pydicom, once."""
+    if read_back == "from the file":
+        monkeypatch.setattr(storage, "_MEM_PARSE", 0)
+    asked: list[int] = []
+    real = storage.inspect_fileobj
+
+    def counted(fp: object, size: int) -> DicomInfo:
+        asked.append(size)
+        return real(fp, size)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "inspect_fileobj", counted)
+    files = [
+        *generate_series(tmp_path / "raw", slices=2, rows=32, cols=32, kind="raw"),
+        *generate_series(tmp_path / "rle", slices=2, rows=32, cols=32, kind="compressed"),
+    ]
+    store = Store(tmp_path / "root")
+    assert [_put(store, f) for f in files] == ["stored"] * 4
+    assert asked == []
+    big = pydicom_sample("MR_small_bigendian.dcm")
+    assert _put(store, big) == "stored"
+    assert asked == [big.stat().st_size]
 
 
 def test_other_files_by_content_hash(tmp_path: Path) -> None:
