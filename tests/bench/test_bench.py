@@ -21,6 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from proctree import alive, descendants  # noqa: E402
+
 from bench.common import code_version  # noqa: E402
 from bench.table4 import (  # noqa: E402
     Run,
@@ -155,37 +157,6 @@ def test_loopback_harness_on_a_tiny_series(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
 
 
-def _descendants(root: int) -> set[tuple[int, str]]:
-    """(pid, start time) of every live descendant of ``root``, from /proc."""
-    parent: dict[int, int] = {}
-    start: dict[int, str] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(d.name)] = int(fields[1])
-        start[int(d.name)] = fields[19]
-    out, todo = set(), [root]
-    while todo:
-        p = todo.pop()
-        for c, pp in parent.items():
-            if pp == p:
-                out.add((c, start[c]))
-                todo.append(c)
-    return out
-
-
-def _alive(pid: int, started: str) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[19] == started and fields[0] != "Z"
-
-
 def test_loopback_stops_its_servers_and_removes_its_work_dir_on_sigterm(
         tmp_path: Path) -> None:
     proc = subprocess.Popen(
@@ -197,7 +168,7 @@ def test_loopback_stops_its_servers_and_removes_its_work_dir_on_sigterm(
     try:
         kids: set[tuple[int, str]] = set()
         for _ in range(600):  # up to 60 s for the first daemons to be up
-            kids = _descendants(proc.pid)
+            kids = descendants(proc.pid)
             daemons = [pid for pid, _ in kids
                        if b"transferd" in Path(f"/proc/{pid}/cmdline").read_bytes()]
             if len(daemons) >= 2 and work.is_dir():
@@ -216,8 +187,9 @@ def test_loopback_stops_its_servers_and_removes_its_work_dir_on_sigterm(
     assert "interrupted" in err
     assert not work.exists()
     assert not (tmp_path / "out" / "loopback.json").exists()
+    left = kids
     for _ in range(100):  # daemons are stopped before the harness exits; allow reaping
-        left = [pid for pid, st in kids if _alive(pid, st)]
+        left = alive(kids)
         if not left:
             break
         time.sleep(0.05)
@@ -275,6 +247,42 @@ def test_table4_harness_on_a_tiny_series(tmp_path: Path) -> None:
     md = (out / "table4.md").read_text()
     assert "- 0000000 (1 cells): tanet/shared/compressed ftp x1\n" in md
     assert f"- {code}: the other {len(data['summary']) - 1} cells" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
+
+
+def test_linkphases_finds_the_streaming_phase_in_the_byte_counter(tmp_path: Path) -> None:
+    from bench.linkphases import STREAM_FROM, Sampler
+
+    s = Sampler(tmp_path / "counter")
+    # handshakes (small), then the body from t=1.0 to t=3.0, then nothing more
+    s.samples = [(0.0, 100), (0.5, 2100), (1.0, 100 + STREAM_FROM), (2.0, 500_000),
+                 (3.0, 1_000_100), (4.0, 1_000_100)]
+    assert s.phase() == (1_000_000, 1.0, 3.0)
+    s.samples = [(0.0, 7), (1.0, 7)]  # nothing crossed the link: no phase
+    assert s.phase() == (0, 0.0, 0.0)
+
+
+@pytest.mark.lab
+@needs_root
+def test_linkphases_diagnostic_on_a_tiny_series(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cp = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "linkphases.py"), "--profile", "tanet",
+         "--slices", "3", "--rows", "128", "--cols", "128", "--scale", "1", "--repeats", "1",
+         "--methods", "medstream,ftp", "--connections", "1,2", "--tmp", str(tmp_path),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-2000:]
+    data = json.loads((out / "linkphases.json").read_text())
+    assert [r["label"] for r in data["summary"]] == [
+        "medstream (1 connection)", "medstream (2 connections)", "ftp"]
+    for r in data["runs"]:
+        assert r["files"] == 3
+        assert 0 < r["streaming_s"] < r["tool_s"] < r["wall_s"], r
+        assert r["link_bytes_per_payload"] > 1.0, r  # headers at least
+        assert r["RetransSegs"] >= 0 and r["TCPTimeouts"] >= r["TCPSpuriousRTOs"] >= 0
+    md = (out / "linkphases.md").read_text()
+    assert "no netem" in md and "| medstream (2 connections) |" in md and "| ftp |" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from proctree import alive, descendants
 from xenctl_helpers import fleet_state, sim_spec
 
 from transfer.placement import place
@@ -139,35 +140,6 @@ def test_up_sim_full_chain_then_second_run_changes_nothing(tmp_path: Path) -> No
         assert "fetched back byte-identical" in second.phases[-1].detail
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of a live (non-zombie) process, or None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _descendants(root: int) -> set[tuple[int, str]]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    found: set[tuple[int, str]] = set()
-    todo = [root]
-    while todo:
-        for kid in children.get(todo.pop(), []):
-            start = _proc_start(kid)
-            if start is not None:
-                found.add((kid, start))
-            todo.append(kid)
-    return found
-
-
 def _lab_of(pid: int) -> str | None:
     for st in Path("/run/medstream-labnet").glob("*/state.json"):
         with contextlib.suppress(OSError, ValueError):
@@ -211,7 +183,7 @@ def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None
             if not line:
                 break
             lines.append(line)
-            seen |= _descendants(proc.pid)
+            seen |= descendants(proc.pid)
             prefix = prefix or _lab_of(proc.pid)
             if sig is not None and needle in line:
                 hits += 1
@@ -235,13 +207,13 @@ def test_up_sim_leaves_nothing_behind(tmp_path: Path, sig: signal.Signals | None
     assert "Traceback" not in text, text
     assert any(p for p in seen), "no child process was ever seen"
     deadline = time.monotonic() + 15
-    alive = seen
+    left = seen
     while time.monotonic() < deadline:
-        alive = {(p, s) for p, s in seen if _proc_start(p) == s}
-        if not alive:
+        left = alive(seen)
+        if not left:
             break
         time.sleep(0.2)
-    assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes() for p, _ in alive]
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes() for p, _ in left]
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert prefix not in ns
     assert not Path(f"/run/medstream-labnet/{prefix}").exists()
