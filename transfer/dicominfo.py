@@ -102,12 +102,17 @@ def inspect_path(path: str | os.PathLike[str], *, quick: bool = False) -> DicomI
     p = Path(path)
     with p.open("rb") as fp:
         size = os.fstat(fp.fileno()).st_size
-        if quick:
-            info = quick_info(fp, size)
-            if info is not None:
-                return info
-            fp.seek(0)
-        return inspect_fileobj(fp, size)
+        return inspect_walk_first(fp, size) if quick else inspect_fileobj(fp, size)
+
+
+def inspect_walk_first(fp: BinaryIO, size: int) -> DicomInfo:
+    """:func:`quick_info` where it vouches for the file, else :func:`inspect_fileobj` (pydicom
+    decides and words the error); ``fp`` must be seekable."""
+    info = quick_info(fp, size)
+    if info is not None:
+        return info
+    fp.seek(0)
+    return inspect_fileobj(fp, size)
 
 
 # ---------------------------------------------------------------------------- the quick walk

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
 
-from transfer.dicominfo import DicomInfo, inspect_fileobj, quick_info, valid_uid
+from transfer.dicominfo import DicomInfo, inspect_fileobj, inspect_walk_first, valid_uid
 from transfer.errors import ConflictError, NotFoundError, StorageError, ValidationError
 
 TMP_PREFIX = ".tmp-"
@@ -217,14 +217,9 @@ class Upload:
                 data = _pread_all(self._fd, self.size)
             except OSError as exc:
                 raise _storage_error(exc, f"reading back {self.rel}") from None
-            info = quick_info(io.BytesIO(data), self.size)
-            return info if info is not None else inspect_fileobj(io.BytesIO(data), self.size)
+            return inspect_walk_first(io.BytesIO(data), self.size)
         with open(self.tmp, "rb") as fp:
-            info = quick_info(fp, self.size)
-            if info is not None:
-                return info
-            fp.seek(0)
-            return inspect_fileobj(fp, self.size)
+            return inspect_walk_first(fp, self.size)
 
     def abort(self) -> None:
         if self._fd >= 0:

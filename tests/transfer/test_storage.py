@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from transfer_helpers import make_series, pydicom_sample
 
-from transfer import storage
+from transfer import dicominfo, storage
 from transfer.dicominfo import DicomInfo, inspect_path
 from transfer.errors import ConflictError, StorageError, ValidationError
 from transfer.storage import Store, safe_name
@@ -236,13 +236,26 @@ def test_commit_asks_pydicom_only_about_files_the_walk_cannot_vouch_for(
     if read_back == "from the file":
         monkeypatch.setattr(storage, "_MEM_PARSE", 0)
     asked: list[int] = []
-    real = storage.inspect_fileobj
+    real = dicominfo.inspect_fileobj
+
+    committing = [False]  # count what the commit asks, not the test's own header reads
+    commit = storage.Upload.commit
 
     def counted(fp: object, size: int) -> DicomInfo:
-        asked.append(size)
+        if committing[0]:
+            asked.append(size)
         return real(fp, size)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(storage, "inspect_fileobj", counted)
+    def watched(up: storage.Upload) -> storage.CommitResult:
+        committing[0] = True
+        try:
+            return commit(up)
+        finally:
+            committing[0] = False
+
+    monkeypatch.setattr(dicominfo, "inspect_fileobj", counted)
+    monkeypatch.setattr(storage, "inspect_fileobj", counted)  # however storage reaches pydicom
+    monkeypatch.setattr(storage.Upload, "commit", watched)
     files = [
         *generate_series(tmp_path / "raw", slices=2, rows=32, cols=32, kind="raw"),
         *generate_series(tmp_path / "rle", slices=2, rows=32, cols=32, kind="compressed"),
