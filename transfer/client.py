@@ -955,11 +955,15 @@ class _Uploader:
                     # Look again when it should have drained (or at the next ACK).
                     wait = min(0.25, max(0.005, (left - bound) / tcp_rate)) if tcp_rate else 0.05
                 acked.clear()
-                if wait is None:
+                # A timer sets the event rather than wait_for wrapping the wait in a task, so no
+                # task per look is made and none is left pending when the session ends (a
+                # spurious set only makes the loop look again).
+                timer = loop.call_later(wait, acked.set) if wait is not None else None
+                try:
                     await acked.wait()
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(acked.wait(), wait)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
 
         async def put(item: tuple[LocalFile, bytearray | None, int | str, bool]) -> None:
             try:
