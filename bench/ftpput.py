@@ -26,6 +26,8 @@ def upload(host: str, port: int, remote_dir: str, files: list[Path], connections
     shares = [files[i::connections] for i in range(connections)]
     errors: list[str] = []
     sent = [0] * connections
+    firsts: list[float] = []  # when each connection began its first STOR
+    lasts: list[float] = []  # when each connection had its last STOR's reply
 
     def worker(idx: int) -> None:
         try:
@@ -46,10 +48,13 @@ def upload(host: str, port: int, remote_dir: str, files: list[Path], connections
                     pass  # another connection made it first
                 ftp.cwd(remote_dir)
                 ftp.voidcmd("TYPE I")
-                for path in shares[idx]:
+                for i, path in enumerate(shares[idx]):
+                    if i == 0:
+                        firsts.append(time.perf_counter())
                     with path.open("rb") as f:
                         ftp.storbinary(f"STOR {path.name}", f, blocksize=1 << 20)
                     sent[idx] += path.stat().st_size
+                lasts.append(time.perf_counter())
         except (OSError, ftplib.Error) as exc:
             errors.append(f"connection {idx}: {exc}")
 
@@ -60,8 +65,14 @@ def upload(host: str, port: int, remote_dir: str, files: list[Path], connections
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
+    # The same split as medstream's report: connecting and login, storing, QUIT.
+    phases = {} if not firsts or not lasts else {
+        "first_file_s": round(min(firsts) - started, 4),
+        "last_ack_s": round(max(lasts) - started, 4),
+        "closing_s": round(seconds - (max(lasts) - started), 4),
+    }
     return {"files": len(files), "bytes": sum(sent), "seconds": seconds,
-            "connections": connections, "errors": errors}
+            "connections": connections, "errors": errors, "phases": phases}
 
 
 def main(argv: list[str] | None = None) -> int:

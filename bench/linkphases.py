@@ -17,6 +17,7 @@ them the kernel found spurious), tail-loss probes. Writes bench/results/linkphas
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -99,6 +100,11 @@ def tcp_counters(host: Any) -> dict[str, int]:
     return {k: out.get(k, 0) for k in keep}
 
 
+def ms(v: float | None) -> str:
+    """Seconds as milliseconds for the tables, "-" where the tool did not report the figure."""
+    return "-" if v is None else f"{1000 * v:.1f}"
+
+
 def qdisc_drops(host: Any) -> int:
     text = host.run(["tc", "-s", "qdisc", "show", "dev", host.dev]).stdout
     return sum(int(n) for n in re.findall(r"dropped (\d+)", text))
@@ -121,17 +127,15 @@ def run_one(b: Bench, profile: str, method: str, files: list[Path], tag: int,
         if res.returncode != 0:
             raise BenchError(f"{method}: exit {res.returncode}: {tail(res.stderr or res.stdout)}")
         after = tcp_counters(b.ws)
-        import json
-
-        if report.exists():
-            tool = float(json.loads(report.read_text())["seconds"])
-        else:
-            tool = float(json.loads(res.stdout)["seconds"])
+        out = json.loads(report.read_text() if report.exists() else res.stdout)
+        tool = float(out["seconds"])
+        phases = out.get("phases") or {}
         wire, start, end = s.phase()
         streaming = end - start
         return {
             "method": method, "files": len(copy), "bytes": nbytes, "tool_s": tool,
             "wall_s": res.seconds, "streaming_s": streaming, "outside_s": tool - streaming,
+            "first_file_s": phases.get("first_file_s"), "closing_s": phases.get("closing_s"),
             "link_s": nbytes / rate, "goodput_pct_link": 100 * nbytes / rate / tool,
             "link_bytes": wire, "link_bytes_per_payload": wire / nbytes,
             "qdisc_drops": qdisc_drops(b.ws) - drops,
@@ -150,6 +154,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for k in ("tool_s", "streaming_s", "outside_s", "goodput_pct_link",
                   "link_bytes_per_payload", "RetransSegs", *TCP_EXT, "qdisc_drops"):
             row[k] = statistics.fmean(r[k] for r in rs)
+        for k in ("first_file_s", "closing_s"):  # the tool's own split, where it reports one
+            got = [r[k] for r in rs if r.get(k) is not None]
+            row[k] = statistics.fmean(got) if len(got) == len(rs) else None
         out.append(row)
     return out
 
@@ -166,16 +173,21 @@ def render_md(data: dict[str, Any]) -> str:
         "Streaming phase: from 16 KiB across the workstation's link to its last byte. Outside: "
         "the tool's own time minus that phase (start-up and end). Bytes on the link per payload "
         "byte count every header (Ethernet, IP, TCP, TLS, protocol) and every retransmission. "
-        "TCP counters are per run, from the workstation's namespace.",
+        "TCP counters are per run, from the workstation's namespace. The tool's own split of its "
+        "time: until its first file began (connecting, TLS, login or HELLO and resume check) and "
+        "after its last file's reply or acknowledgement (closing: QUIT, BYE and TLS shutdown).",
         "",
-        "| method | tool s | streaming s | outside ms | % of link | link bytes / payload | "
-        "retrans segs | RTOs (spurious) | loss probes | qdisc drops |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | tool s | streaming s | outside ms | to first file ms | closing ms | "
+        "% of link | link bytes / payload | retrans segs | RTOs (spurious) | loss probes | "
+        "qdisc drops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     for r in data["summary"]:
         lines.append(
             f"| {r['label']} | {r['tool_s']:.3f} | {r['streaming_s']:.3f} | "
-            f"{1000 * r['outside_s']:.1f} | {r['goodput_pct_link']:.2f} | "
+            f"{1000 * r['outside_s']:.1f} | {ms(r.get('first_file_s'))} | "
+            f"{ms(r.get('closing_s'))} | {r['goodput_pct_link']:.2f} | "
             f"{r['link_bytes_per_payload']:.4f} | {r['RetransSegs']:.1f} | "
             f"{r['TCPTimeouts']:.1f} ({r['TCPSpuriousRTOs']:.1f}) | {r['TCPLossProbes']:.1f} | "
             f"{r['qdisc_drops']:.1f} |")
@@ -248,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run.update(label=label, repeat=r)
                     runs.append(run)
                     print(f"   {label:<28} r{r + 1}: tool {run['tool_s']:.3f} s, streaming "
-                          f"{run['streaming_s']:.3f} s, outside {1000 * run['outside_s']:.1f} ms, "
+                          f"{run['streaming_s']:.3f} s, outside {1000 * run['outside_s']:.1f} ms "
+                          f"(first file {ms(run['first_file_s'])}, closing "
+                          f"{ms(run['closing_s'])}), "
                           f"{run['goodput_pct_link']:.2f}% of link, retrans "
                           f"{run['RetransSegs']}, RTOs {run['TCPTimeouts']} "
                           f"(spurious {run['TCPSpuriousRTOs']})", flush=True)

@@ -418,6 +418,8 @@ class NodeStats:
     wire_bytes: int = 0  # bytes on the wire (after compression)
     started: float = 0.0
     finished: float = 0.0
+    first_file: float = 0.0  # when the first FILE went out on any connection (monotonic)
+    last_ack: float = 0.0  # when the last file was acknowledged (monotonic)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -454,10 +456,26 @@ class UploadReport:
     connections_per_node: int = 0  # as opened (after the --max-connections cap)
     buffer_budget: int = 0  # bytes of file bodies allowed in memory at once (all nodes)
     buffer_peak: int = 0  # the most that were
+    started: float = 0.0  # monotonic time at which ``seconds`` starts
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.rejected
+
+    def phases(self) -> dict[str, float]:
+        """Where ``seconds`` went: until the first FILE left (connecting, TLS, HELLO, resume
+        check, the first file's scan), until the last acknowledgement, and the rest (closing
+        the connections). Empty when nothing was sent."""
+        firsts = [n.first_file for n in self.nodes if n.first_file]
+        lasts = [n.last_ack for n in self.nodes if n.last_ack]
+        if not self.started or not firsts or not lasts:
+            return {}
+        last = max(lasts) - self.started
+        return {
+            "first_file_s": round(min(firsts) - self.started, 4),
+            "last_ack_s": round(last, 4),
+            "closing_s": round(max(0.0, self.seconds - last), 4),
+        }
 
     def as_dict(self) -> dict[str, Any]:
         total_bytes = sum(n.bytes for n in self.nodes)
@@ -469,6 +487,7 @@ class UploadReport:
             "connections_per_node": self.connections_per_node,
             "seconds": round(self.seconds, 4),
             "scan_seconds": round(self.scan_seconds, 4),
+            "phases": self.phases(),
             "total": {
                 "files": sum(n.stored for n in self.nodes),
                 "already": sum(n.already for n in self.nodes),
@@ -612,6 +631,7 @@ class _Uploader:
         self.progress.bytes += lf.size
 
     def _done(self, lf: LocalFile, ack: Ack) -> None:
+        self.stats.last_ack = time.monotonic()
         if ack.status == "stored":
             self.stats.stored += 1
             self.stats.bytes += lf.size
@@ -1128,6 +1148,8 @@ class _Uploader:
                     self._started += 1
                     if not first_sent:
                         first_sent = time.monotonic()
+                        if not self.stats.first_file:
+                            self.stats.first_file = first_sent
                     drained.clear()
                     current = lf
                     self._send_header(s.conn, wire, lf, next_id)
@@ -1423,10 +1445,12 @@ async def _erl3d_upload(
                         sock = writer.get_extra_info("socket")
                         if sock is not None:
                             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        stats.first_file = stats.first_file or time.monotonic()
                         writer.write(frame)
                         await writer.drain()
                         head = await reader.readexactly(4)
                         reply = await reader.readexactly(int.from_bytes(head, "big"))
+                        stats.last_ack = time.monotonic()
                     finally:
                         writer.close()
                         with contextlib.suppress(Exception):
@@ -1619,6 +1643,7 @@ async def upload_files(
         connections_per_node=per_node,
         buffer_budget=pool.budget,
         buffer_peak=pool.peak_bytes,
+        started=t0,
     )
 
 

@@ -281,6 +281,8 @@ def test_linkphases_diagnostic_on_a_tiny_series(tmp_path: Path) -> None:
         assert 0 < r["streaming_s"] < r["tool_s"] < r["wall_s"], r
         assert r["link_bytes_per_payload"] > 1.0, r  # headers at least
         assert r["RetransSegs"] >= 0 and r["TCPTimeouts"] >= r["TCPSpuriousRTOs"] >= 0
+        # both tools split their own time: start-up, files, closing
+        assert 0 < r["first_file_s"] < r["tool_s"] and 0 <= r["closing_s"] < r["tool_s"], r
     md = (out / "linkphases.md").read_text()
     assert "no netem" in md and "| medstream (2 connections) |" in md and "| ftp |" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medstream-bench-cache", "out"]

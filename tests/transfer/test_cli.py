@@ -106,6 +106,9 @@ def test_upload_ls_stat_get_over_tls(tmp_path: Path, pki_cli: Path) -> None:
         assert node["files"] == 12 and node["bytes"] == sum(f.stat().st_size for f in files)
         assert node["seconds"] > 0 and node["mb_per_s"] > 0
         assert rep["memory"]["budget"] == 3 << 20 and 0 < rep["memory"]["peak"] <= 3 << 20
+        ph = rep["phases"]  # where `seconds` went: to the first FILE, to the last ACK, closing
+        assert 0 < ph["first_file_s"] < ph["last_ack_s"] <= rep["seconds"]
+        assert ph["closing_s"] == pytest.approx(rep["seconds"] - ph["last_ack_s"], abs=2e-4)
         r = run([*TRANSFER, "ls", *client_args(pki_cli, d.port)])
         assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 12
         sop = r.stdout.split("\t")[3]
@@ -122,7 +125,9 @@ def test_upload_ls_stat_get_over_tls(tmp_path: Path, pki_cli: Path) -> None:
         assert r.returncode == 1 and r.stderr.startswith("transfer: error:") and "Traceback" not in r.stderr
         # A re-run sends nothing and still exits 0.
         r = run([*TRANSFER, "upload", str(tmp_path / "series"), *client_args(pki_cli, d.port), "--json-report", str(report)])
-        assert r.returncode == 0 and json.loads(report.read_text())["total"]["already"] == 12
+        again = json.loads(report.read_text())
+        assert r.returncode == 0 and again["total"]["already"] == 12
+        assert again["phases"] == {}  # no FILE went out
 
 
 def test_clear_errors_for_bad_input(tmp_path: Path, pki_cli: Path) -> None:

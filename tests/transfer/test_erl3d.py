@@ -167,6 +167,8 @@ def test_uploader_speaks_erl3d(erl_node: ServerThread, tmp_path: Path) -> None:
     )
     assert rep.ok, rep.failed
     assert rep.as_dict()["total"]["files"] == 6
+    ph = rep.phases()
+    assert 0 < ph["first_file_s"] < ph["last_ack_s"] <= rep.seconds
     assert erl_node.server is not None and erl_node.server.store.summary()["instances"] == 6
 
 
