@@ -1,4 +1,5 @@
-"""Rendezvous placement: deterministic, distinct replicas, even spread, minimal movement."""
+"""Rendezvous placement: deterministic, distinct replicas, even spread, minimal movement; and
+the directory walk that lists what is placed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from transfer_helpers import make_series
 
 from transfer.client import LocalFile, assign, scan
 from transfer.config import NodeAddr
+from transfer.errors import ValidationError
 from transfer.placement import place
 
 NODES = [NodeAddr("10.213.5.11", 7370, f"node-{i:02d}") for i in range(1, 6)]
@@ -62,3 +64,29 @@ def test_uploader_places_by_sop_instance_uid(tmp_path: object) -> None:
     # A non-DICOM file is placed by its content hash.
     other = LocalFile(out / "x", "x", 1, "ab" * 32, "other")
     assert assign([other], NODES, 1)[_place("ab" * 32, NODES)[0]] == [other]
+
+
+def test_walk_lists_regular_files_sorted_skips_hidden_and_linked_directories(tmp_path: object) -> None:
+    import os
+    from pathlib import Path
+
+    from transfer.client import walk
+
+    root = Path(str(tmp_path)) / "in"
+    for rel in ("b.dcm", "a.dcm", "sub/z.dcm", "sub/deeper/y.dcm", "a-dir/x.dcm", ".hidden.dcm",
+                ".git/obj", "sub/.cache/c"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    outside = Path(str(tmp_path)) / "outside"
+    (outside / "o.dcm").parent.mkdir(parents=True)
+    (outside / "o.dcm").write_bytes(b"o")
+    os.symlink(outside, root / "linked-dir")  # not followed (as os.walk)
+    os.symlink(outside / "o.dcm", root / "linked.dcm")  # a link to a file counts
+    os.symlink(root / "missing", root / "dangling.dcm")  # nothing behind it: skipped
+    got = walk(root)
+    assert [name for _, name in got] == [
+        "a.dcm", "b.dcm", "linked.dcm", "a-dir/x.dcm", "sub/z.dcm", "sub/deeper/y.dcm"]
+    assert all(p == root / name for p, name in got)
+    assert walk(root / "a.dcm") == [(root / "a.dcm", "a.dcm")]
+    with pytest.raises(ValidationError, match="no such directory"):
+        walk(root / "nope")
