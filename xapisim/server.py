@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import xmlrpc.client
@@ -107,6 +108,16 @@ class _Server(ThreadingHTTPServer):
         with self.conn_lock:
             self.connections.add(sock)
         return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that drops the connection or refuses our certificate mid-handshake is the
+        client's business: log it, as xapi does, instead of socketserver's traceback on stderr
+        (which landed between the test runner's progress dots)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError)):
+            log.info("%s: connection from %s ended: %s", self.node_name, client_address[0], exc)
+            return
+        log.exception("%s: request from %s failed", self.node_name, client_address[0])
 
     def shutdown_request(self, request: Any) -> None:
         with self.conn_lock:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import re
 import ssl
+import time
 import xmlrpc.client
 
 import pytest
@@ -92,17 +94,26 @@ def test_login_optional_params_and_bad_credentials(sim: SimServer) -> None:
     assert details == ["SESSION_AUTHENTICATION_FAILED", "root", "Authentication failure"]
 
 
-def test_tls_verifies_against_the_ca_and_fingerprints_match(sim: SimServer) -> None:
+def test_tls_verifies_against_the_ca_and_fingerprints_match(
+        sim: SimServer, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
     s = sim.session("host-2")
     assert s.xenapi.pool.get_all()
     # a default context (system CAs only) refuses the simulator's certificate
     bad = XenAPI.Session(sim.url_for("host-2"), transport=xmlrpc.client.SafeTransport(
         context=ssl.create_default_context()))
+    caplog.set_level(logging.INFO, logger="xapisim")
     try:
         with pytest.raises(ssl.SSLCertVerificationError):
             bad.xenapi.login_with_password(sim.username, sim.password, "", "")
     finally:
         bad("close")()
+    # the server logs the refused handshake (in its handler thread); no traceback on stderr
+    for _ in range(100):
+        if any("ended" in r.getMessage() for r in caplog.records):
+            break
+        time.sleep(0.02)
+    assert any("connection from" in r.getMessage() for r in caplog.records), caplog.text
+    assert "Traceback" not in capfd.readouterr().err
     der = ssl.get_server_certificate((sim.host("host-2").address, sim.port))
     digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(der)).hexdigest().upper()
     assert sim.fingerprints["host-2"].replace(":", "") == digest
