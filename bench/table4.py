@@ -343,6 +343,8 @@ def run_one(b: Bench, profile: str, regime: str, payload: str, method: str, node
             tool_s = float(rep["seconds"])
             wire = sum(int(n.get("wire_bytes") or 0) for n in rep.get("nodes", [])) or None
             extra["scan_s"] = rep.get("scan_seconds")
+            if rep.get("phases"):  # start-up to the first file, last ACK, closing
+                extra["phases"] = rep["phases"]
             # Connections as opened (the uploader caps them across nodes) and the most any node
             # had at once (a finished node hands its connections to the busiest).
             if rep.get("connections_per_node"):
@@ -491,10 +493,11 @@ def render_md(data: dict[str, Any]) -> str:
         "--scale sent a fraction of it (column `scale`). Goodput = DICOM file bytes delivered "
         "(acknowledged) per second of the tool's own transfer time; % of link is against the "
         "nominal rate (TCP/IP headers cap goodput near 95-96%). The tool's own time is "
-        "medstream's report `seconds` (first connection to last acknowledgement; its DICOM "
-        "scan and hashing before that are in `scan_s` of the runs), ftplib's first connect to "
-        "last reply, and the process lifetime for dcmtk; `% of link, wall` uses the whole "
-        "client process lifetime instead (Python start-up, scan and all).",
+        "medstream's report `seconds` (from the start of its directory walk to its last "
+        "connection closed; the DICOM scan and hashing run within it, overlapped with sending, "
+        "and their own duration is `scan_s` of the runs), ftplib's first connect to its QUIT "
+        "(it is handed the file list), and the process lifetime for dcmtk; `% of link, wall` "
+        "uses the whole client process lifetime instead (Python start-up and all).",
         "",
     ]
     codes: dict[str, list[str]] = {}
