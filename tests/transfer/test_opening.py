@@ -54,6 +54,36 @@ def test_connections_open_a_few_at_a_time_across_all_nodes(tmp_path: Path) -> No
     assert seen["most_opening"] == client.OPENING_MAX
 
 
+def test_a_nodes_first_connection_opens_alone_and_sends_a_file_before_the_others_open(
+    tmp_path: Path,
+) -> None:
+    """One node, four connections: the others wait for the lead's first file (their handshakes
+    would slow the lead's), then open and share the rest; everything arrives once."""
+    make_series(tmp_path / "s", 40, rows=32, cols=32, seed=23)
+    files = scan(tmp_path / "s").files
+    seen: dict[str, int] = {}
+    stored: list[str] = []
+
+    async def main() -> dict[str, object]:
+        node = MinimalNode(seen, stored, delay=0.02, ack_delay=0.01)
+        server = await asyncio.start_server(node.handle, "127.0.0.1", 0)
+        addr = NodeAddr("127.0.0.1", server.sockets[0].getsockname()[1], "n0")
+        try:
+            async with asyncio.timeout(30):
+                rep = await upload_files(
+                    files, [addr], Credentials.plaintext(), connections_per_node=4
+                )
+        finally:
+            server.close()
+        return rep.as_dict()
+
+    rep = asyncio.run(main())
+    assert rep["ok"], rep["failed"]
+    assert sorted(stored) == sorted(lf.sop for lf in files)
+    assert seen["accepted_at_first_file"] == 1
+    assert seen["accepted"] == 4  # and then the other three
+
+
 def test_a_connection_no_longer_wanted_when_its_turn_comes_is_not_opened(
     tmp_path: Path,
 ) -> None:

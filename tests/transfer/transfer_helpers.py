@@ -118,8 +118,9 @@ class MinimalNode:
     ACKs each file after ``ack_delay`` with the digest of what it received; with ``read_rate``
     it reads no faster than that many bytes a second (a slow link). ``seen``, shared by
     every node of a test, counts connections accepted, checks asked and connections accepted
-    but not yet welcomed (the most at once in ``most_opening``); ``stored`` gets each file's
-    SOP Instance UID."""
+    but not yet welcomed (the most at once in ``most_opening``) and the connections accepted
+    when the first file began (``accepted_at_first_file``); ``stored`` gets each file's SOP
+    Instance UID."""
 
     def __init__(
         self,
@@ -169,6 +170,7 @@ class MinimalNode:
                         want = ev.args["items"]
                         writer.write(conn.send(Response(ev.req_id, True, [False] * len(want))))
                     elif isinstance(ev, FileHeader):
+                        seen.setdefault("accepted_at_first_file", seen["accepted"])
                         digest, file_id = hashlib.sha256(), ev.file_id
                         self.stored.append(ev.sop_uid)
                     elif isinstance(ev, Data):
