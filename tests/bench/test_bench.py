@@ -278,7 +278,10 @@ def test_linkphases_diagnostic_on_a_tiny_series(tmp_path: Path) -> None:
         "medstream (1 connection)", "medstream (2 connections)", "ftp"]
     for r in data["runs"]:
         assert r["files"] == 3
-        assert 0 < r["streaming_s"] < r["tool_s"] < r["wall_s"], r
+        # The phase ends with the last byte across the link, which can be the kernel's final
+        # ACK of the connection's teardown after the tool's own clock stopped: on 3 tiny files
+        # that made it 40 ms against a tool time of 32. So each is checked against the wall time.
+        assert 0 < r["streaming_s"] < r["wall_s"] and 0 < r["tool_s"] < r["wall_s"], r
         assert r["link_bytes_per_payload"] > 1.0, r  # headers at least
         assert r["RetransSegs"] >= 0 and r["TCPTimeouts"] >= r["TCPSpuriousRTOs"] >= 0
         # both tools split their own time: start-up, files, closing
