@@ -182,7 +182,6 @@ def render_md(data: dict[str, Any]) -> str:
         "qdisc drops |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
     for r in data["summary"]:
         lines.append(
             f"| {r['label']} | {r['tool_s']:.3f} | {r['streaming_s']:.3f} | "

@@ -878,11 +878,12 @@ class _Uploader:
             done_before = self.outstanding
             started_before = self._started
             try:
-                await self._session(inflight, partial(self._has_work, ahead))
+                try:
+                    await self._session(inflight, partial(self._has_work, ahead))
+                finally:
+                    self._lead_done.set()  # ended, however: the others open now
                 failures = 0
-                self._lead_done.set()
             except AuthError as exc:
-                self._lead_done.set()
                 self.last_error = str(exc)
                 self._auth_failed = True
                 while inflight:
@@ -891,7 +892,6 @@ class _Uploader:
                     self._fail(self.queue.popleft(), str(exc))
                 return False
             except (TransferError, OSError, TimeoutError, ssl.SSLError) as exc:
-                self._lead_done.set()  # the others open now, and learn for themselves
                 if ahead and self._started == started_before:
                     # Opened ahead and lost before it carried a file (a long resume check can
                     # outlast the node's idle timeout): no failure; the next connection opens
