@@ -170,6 +170,8 @@ def render_md(data: dict[str, Any]) -> str:
         f"payload {c['payload']}, one node, {c['files']} slices, {c['repeats']} repeats, "
         f"transfer code {data['code']}. {NO_NETEM}.",
         "",
+        f"Link: {data.get('link') or 'not recorded (the workstation sent GSO aggregates)'}.",
+        "",
         "Streaming phase: from 16 KiB across the workstation's link to its last byte. Outside: "
         "the tool's own time minus that phase (start-up and end). Bytes on the link per payload "
         "byte count every header (Ethernet, IP, TCP, TLS, protocol) and every retransmission. "
@@ -214,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tmp", type=Path, default=Path("/dev/shm"))
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--name", default="linkphases")
+    p.add_argument("--keep-gso", action="store_true",
+                   help="let the workstation send GSO aggregates through the shaped link, as the "
+                        "lab did before it sent MTU-sized packets on slow links")
     a = p.parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in methods if m not in ("medstream", "ftp", "ftps")]
@@ -239,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = files[: max(1, round(len(files) * a.scale))]
     base = a.tmp / f"medstream-linkphases-{os.getpid()}"
     runs: list[dict[str, Any]] = []
+    link = ""
     variants = [(m, c) for m in methods for c in (conns if m == "medstream" else [0])]
     try:
         base.mkdir(parents=True)
@@ -247,8 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # One lab, one node; the connection count only changes the uploader's argv.
             bench = Bench(lab, 1, base, tls=True, connections=conns[0])
             bench.start_servers()
-            lab.shape(bench.ws, profile=a.profile, regime=a.regime,
-                      flow_cap=int(PROFILES_MBIT[a.profile] * 1e6 / 8))
+            shape = lab.shape(bench.ws, profile=a.profile, regime=a.regime,
+                              flow_cap=int(PROFILES_MBIT[a.profile] * 1e6 / 8),
+                              mtu_segments=False if a.keep_gso else None)
+            link = shape.describe()
+            print(f"== {link}", flush=True)
             for r in range(a.repeats):
                 for method, c in variants:
                     tag += 1
@@ -276,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       else sys.argv[1:])]),
         "code": code_version(),
         "machine": machine_info(),
+        "link": link,
         "config": {"profile": a.profile, "regime": a.regime, "payload": a.payload,
                    "files": len(files), "repeats": a.repeats, "methods": methods,
                    "connections": conns, "stream_from_bytes": STREAM_FROM},

@@ -70,6 +70,7 @@ from bench.common import (  # noqa: E402
     tree_stats,
     write_json,
 )
+from labnet.shaping import segments_at_mtu  # noqa: E402
 
 PROFILES_MBIT = {"lan": 1000.0, "tanet": 100.0, "adsl": 2.0}
 PAPER = {  # Table 4: mean seconds over 30 runs, 360 CT slices
@@ -180,6 +181,7 @@ class Bench:
         self.base = base
         self.tls = tls
         self.code = code_version()
+        self.packets = "gso"  # what the workstation's shaped link carries: "mtu" or "gso" aggregates
         self.ws = lab.add_host("ws", sshd=False)
         self.srv = lab.add_host("srv", sshd=False)
         names = [f"node-{i:02d}" for i in range(1, nodes + 1)]
@@ -335,7 +337,7 @@ def run_one(b: Bench, profile: str, regime: str, payload: str, method: str, node
                              f"{tail(res.stderr or res.stdout)}")
         tool_s, wire = res.seconds, None
         extra: dict[str, Any] = {"client_rss_mb": round(res.maxrss_kb / 1024, 1),
-                                 "code": b.code}
+                                 "code": b.code, "packets": b.packets}
         if report.exists():
             import json
 
@@ -403,6 +405,8 @@ def summarize_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "connections_per_node": rs[0].extra.get("connections_per_node"),
             "connections_max": max((r.extra.get("connections_max") or 0) for r in rs) or None,
             "code": ",".join(sorted({r.extra.get("code") or "unrecorded" for r in rs})),
+            # runs before the lab sent MTU-sized packets on slow links recorded nothing: "gso"
+            "packets": ",".join(sorted({r.extra.get("packets") or "gso" for r in rs})),
         })
     return out
 
@@ -512,6 +516,13 @@ def render_md(data: dict[str, Any]) -> str:
         lines += [f"- {code} ({len(cells)} cells): " + ", ".join(cells)
                   for code, cells in codes.items() if code != most]
         lines += [f"- {most}: the other {len(codes[most])} cells", ""]
+    gso = [f"{c['profile']}/{c['regime']}/{c['payload']} {c['method']} x{c['nodes']}"
+           for c in summary if "gso" in c.get("packets", "gso")
+           and segments_at_mtu(int(PROFILES_MBIT[c["profile"]] * 1e6))]
+    if gso:
+        lines += ["Measured while the workstation still sent GSO aggregates of up to 64 KiB "
+                  "through the slow link's shaper (before the lab sent MTU-sized packets on "
+                  f"links below ~500 Mbit/s, or with --keep-gso): {', '.join(gso)}.", ""]
     for regime in cfg["regimes"]:
         for payload in cfg["payloads"]:
             rows = [p for p in cfg["profiles"] if _find(summary, profile=p, regime=regime,
@@ -771,6 +782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--name", default="table4", help="output file stem (default table4)")
     p.add_argument("--keep-going", action="store_true", help="record failures and go on")
+    p.add_argument("--keep-gso", action="store_true",
+                   help="let the workstation send GSO aggregates through slow shaped links, as "
+                        "the lab did before it sent MTU-sized packets there (for comparisons)")
     p.add_argument("--append", action="store_true",
                    help="merge with the runs already in OUT/NAME.json (several invocations with "
                         "different matrices build one table; a cell measured again replaces "
@@ -820,7 +834,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for profile in profiles:
                 for regime in regimes:
                     shape = lab.shape(bench.ws, profile=profile, regime=regime,
-                                      flow_cap=int(PROFILES_MBIT[profile] * 1e6 * a.flow_cap))
+                                      flow_cap=int(PROFILES_MBIT[profile] * 1e6 * a.flow_cap),
+                                      mtu_segments=False if a.keep_gso else None)
+                    bench.packets = "mtu" if shape.mtu_segments else "gso"
                     shapes.append(shape.describe())
                     print(f"== {shape.describe()}", flush=True)
                     for payload in payloads:

@@ -469,9 +469,12 @@ class Lab:
     def shape(self, host: Host | str, profile: str = "tanet", regime: str = "shared", *,
               direction: str = "both", rate: str | int | None = None,
               flow_cap: str | int | None = None, flow_slots: int = shaping.FLOW_SLOTS,
-              queue_packets: int | None = None) -> shaping.Shape:
+              queue_packets: int | None = None, mtu_segments: bool | None = None) -> shaping.Shape:
         """Shape a host's access link with htb (see :mod:`labnet.shaping`). ``up`` is what the
-        host sends (its eth0), ``down`` what it receives (its switch port)."""
+        host sends (its eth0), ``down`` what it receives (its switch port). ``mtu_segments``: the
+        host sends MTU-sized packets instead of GSO aggregates when shaping its upload; by default
+        on links too slow for a 64 KiB aggregate to fit the shaper's burst (tanet, adsl), off on
+        lan. It applies to connections opened after this call."""
         h = self.host(host) if isinstance(host, str) else host
         if regime not in shaping.REGIMES:
             raise LabError(f"unknown regime {regime!r}: choose one of {', '.join(shaping.REGIMES)}")
@@ -486,24 +489,33 @@ class Lab:
             devices.append((h.netns, h.dev, "dst"))
         if direction in ("down", "both"):
             devices.append((None, h.veth, "src"))
+        if mtu_segments is None:
+            mtu_segments = shaping.segments_at_mtu(rate_bps)
+        mtu_segments = mtu_segments and direction in ("up", "both")
         self.unshape(h)
+        shape = shaping.Shape(host=h.name, profile=profile if rate is None else str(rate),
+                              rate_bps=rate_bps, regime=regime, direction=direction,
+                              flow_cap_bps=cap if regime == "perflow" else None,
+                              queue_packets=limit, devices=devices, netem=self.netem_available,
+                              mtu_segments=mtu_segments)
+        self.shapes[h.name] = shape  # before any change, so unshape undoes a partial one
         for netns, dev, key in devices:
             lines = shaping.build_commands(dev, key=key, subnet=self.subnet, own_ip=h.ip,
                                            rate_bps=rate_bps, regime=regime, flow_cap_bps=cap,
                                            flow_slots=flow_slots, limit=limit)
             shaping.apply(dev, netns, lines)
-        shape = shaping.Shape(host=h.name, profile=profile if rate is None else str(rate),
-                              rate_bps=rate_bps, regime=regime, direction=direction,
-                              flow_cap_bps=cap if regime == "perflow" else None,
-                              queue_packets=limit, devices=devices, netem=self.netem_available)
-        self.shapes[h.name] = shape
+        if mtu_segments:
+            shape.gso_max_segs_before = shaping.gso_max_segs(h.dev, h.netns)
+            shaping.set_gso_max_segs(h.dev, h.netns, 1)
         return shape
 
     def unshape(self, host: Host | str) -> None:
         h = self.host(host) if isinstance(host, str) else host
         shaping.clear(h.dev, h.netns)
         shaping.clear(h.veth, None)
-        self.shapes.pop(h.name, None)
+        shape = self.shapes.pop(h.name, None)
+        if shape is not None and shape.gso_max_segs_before is not None:
+            shaping.set_gso_max_segs(h.dev, h.netns, shape.gso_max_segs_before, check=False)
 
     def describe(self) -> str:
         lines = [f"lab {self.prefix}: subnet {self.subnet}, bridge {self.bridge} "

@@ -29,11 +29,22 @@ Regimes:
 
 Leaf rates sum to R: htb lets a leaf below its own rate send without asking its parent, so leaf
 rates that add up to more than R would break the link bound.
+
+Packet size: over a veth, TCP hands the qdisc GSO aggregates of up to 64 KiB, and htb lets a packet
+through while its class has any tokens left, charging the whole length afterwards. Below about
+500 Mbit/s an aggregate outlasts the class burst (1 ms, at least 10 frames): at 2 Mbit/s one
+64 KiB packet is 262 ms of the link released at once, then silence while the class pays it back,
+which no real line does and which turns into spurious retransmission timeouts when several
+connections queue behind each other. So on such links the shaped host sends MTU-sized packets
+(``gso_max_segs 1`` on its interface, what ``ethtool -K gso off tso off`` is advised for on slow
+shaped links). That covers what the host sends (its upload); what it downloads is segmented by the
+senders, which keep their aggregates.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass, field
 
 from . import _sys
@@ -88,6 +99,32 @@ def _burst(rate_bps: int) -> int:
     return max(10 * MTU_FRAME, rate_bps // 8 // 1000)  # 1 ms at the rate, at least 10 frames
 
 
+GSO_AGGREGATE = 65536     # the largest packet TCP hands a veth with GSO on (gso_max_size)
+
+
+def segments_at_mtu(rate_bps: int) -> bool:
+    """Whether a host shaped at this rate should send MTU-sized packets: yes when one GSO
+    aggregate is longer than the class burst (below ~524 Mbit/s; see the module docstring)."""
+    return GSO_AGGREGATE > _burst(rate_bps)
+
+
+def gso_max_segs(dev: str, netns: str | None) -> int:
+    """The device's gso_max_segs (65535 for a fresh veth)."""
+    argv = [_sys.IP] + (["-n", netns] if netns else []) + ["-d", "-j", "link", "show", "dev", dev]
+    try:
+        return int(json.loads(_sys.run(argv).stdout)[0]["gso_max_segs"])
+    except (ValueError, LookupError, TypeError) as exc:
+        raise LabError(f"{dev}: cannot read gso_max_segs ({exc})") from None
+
+
+def set_gso_max_segs(dev: str, netns: str | None, segs: int, *, check: bool = True) -> None:
+    """Limit the packets TCP builds for dev to segs segments (1 = MTU-sized). Sockets pick it up
+    when they connect."""
+    argv = [_sys.IP] + (["-n", netns] if netns else []) + ["link", "set", "dev", dev,
+                                                           "gso_max_segs", str(segs)]
+    _sys.run(argv, check=check)
+
+
 @dataclass
 class Shape:
     """What :meth:`labnet.Lab.shape` installed on a host's access link."""
@@ -101,12 +138,15 @@ class Shape:
     queue_packets: int
     devices: list[tuple[str | None, str, str]] = field(default_factory=list)  # (netns, dev, key)
     netem: bool = False
+    mtu_segments: bool = False        # the host sends MTU-sized packets (GSO limited to 1 segment)
+    gso_max_segs_before: int | None = None  # what unshape restores on the host's interface
 
     def describe(self) -> str:
         cap = f", per-flow cap {self.flow_cap_bps / 1e6:g} Mbit/s" if self.flow_cap_bps else ""
         devs = ", ".join(f"{d}({'ns ' + n if n else 'root'},{k})" for n, d, k in self.devices)
+        seg = ", sends MTU-sized packets (no GSO)" if self.mtu_segments else ""
         return (f"{self.host}: {self.profile} {self.rate_bps / 1e6:g} Mbit/s {self.regime}{cap}, "
-                f"{self.direction}, pfifo {self.queue_packets} pkts on {devs}")
+                f"{self.direction}, pfifo {self.queue_packets} pkts on {devs}{seg}")
 
 
 def _class(dev: str, minor: int, rate: int, ceil: int, limit: int, parent: str = "1:1") -> list[str]:

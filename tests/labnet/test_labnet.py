@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from labnet import NETEM_MISSING, Lab, LabError, _sys as lsys, list_labs
+from labnet.lab import Host
 from labnet.measure import measure
-from labnet.shaping import perflow_bucket
+from labnet.shaping import gso_max_segs, perflow_bucket
 
 pytestmark = pytest.mark.lab
 
@@ -216,6 +218,39 @@ def test_shared_shaping_limits_the_access_link_fairly(lab: Lab) -> None:
     assert 1.4 < slow.total_mbps <= 2.05, slow.total_mbps     # ~1.96 measured
     lab.unshape(ws)
     assert measure(ws, [n1], seconds=1.5).total_mbps > 300
+
+
+def _tx_counters(host: Host) -> tuple[int, int]:
+    """Bytes and packets the host's eth0 has sent. A veth counts one packet per buffer it is
+    handed, so a GSO aggregate counts once (htb's class counters count its segments instead)."""
+    cp = lsys.run([lsys.IP, "-n", host.netns, "-s", "-j", "link", "show", "dev", host.dev])
+    tx = json.loads(cp.stdout)[0]["stats64"]["tx"]
+    return int(tx["bytes"]), int(tx["packets"])
+
+
+def _bytes_per_packet_sent(host: Host, peer: Host) -> float:
+    b0, p0 = _tx_counters(host)
+    assert measure(host, [peer], seconds=1).total_mbps > 75
+    b1, p1 = _tx_counters(host)
+    return (b1 - b0) / max(1, p1 - p0)
+
+
+def test_slow_links_carry_mtu_sized_packets_and_unshape_restores_gso(lab: Lab) -> None:
+    ws, n1 = lab.add_hosts(["gw", "g1"], sshd=False)
+    before = gso_max_segs(ws.dev, ws.netns)
+    assert before > 1
+    shape = lab.shape(ws, "tanet", "shared", direction="up")
+    assert shape.mtu_segments and "MTU-sized" in shape.describe()
+    assert gso_max_segs(ws.dev, ws.netns) == 1
+    assert _bytes_per_packet_sent(ws, n1) <= 1514            # Ethernet frames, not aggregates
+    lab.unshape(ws)
+    assert gso_max_segs(ws.dev, ws.netns) == before
+    # Asked to keep GSO (the lab before it segmented), the same link carries aggregates.
+    shape = lab.shape(ws, "tanet", "shared", direction="up", mtu_segments=False)
+    assert not shape.mtu_segments and gso_max_segs(ws.dev, ws.netns) == before
+    assert _bytes_per_packet_sent(ws, n1) > 2 * 1514
+    lab.shape(ws, "lan", "shared")                            # fast enough for aggregates
+    assert not lab.shapes["gw"].mtu_segments and gso_max_segs(ws.dev, ws.netns) == before
 
 
 def test_perflow_shaping_caps_each_connection(lab: Lab) -> None:

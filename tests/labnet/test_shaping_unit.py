@@ -15,6 +15,7 @@ from labnet.shaping import (
     parse_rate,
     perflow_bucket,
     perflow_bytecode,
+    segments_at_mtu,
     queue_limit,
 )
 
@@ -136,3 +137,12 @@ def test_rates_queues_and_commands() -> None:
                        regime="fifo", flow_cap_bps=1, flow_slots=64, limit=1)
     with pytest.raises(LabError, match="power of two"):
         perflow_bytecode(48)
+
+
+def test_slow_links_carry_mtu_sized_packets_and_lan_keeps_gso() -> None:
+    # A 64 KiB aggregate is 262 ms at 2 Mbit/s and 5 ms at 100 Mbit/s, far over the 1 ms burst;
+    # at 1 Gbit/s it fits (0.5 ms).
+    assert segments_at_mtu(parse_rate("adsl")) and segments_at_mtu(parse_rate("tanet"))
+    assert not segments_at_mtu(parse_rate("lan"))
+    assert segments_at_mtu(500_000_000) and not segments_at_mtu(600_000_000)
+
