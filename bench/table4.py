@@ -475,7 +475,7 @@ def check_targets(summary: list[dict[str, Any]], flow_cap_frac: float,
     return out
 
 
-def render_md(data: dict[str, Any]) -> str:
+def render_md(data: dict[str, Any], name: str = "table4") -> str:
     summary = data["summary"]
     cfg = data["config"]
     lines = [
@@ -578,7 +578,7 @@ def render_md(data: dict[str, Any]) -> str:
         lines.append("")
     if data["errors"]:
         lines += ["## Errors", ""] + [f"- {e}" for e in data["errors"]] + [""]
-    lines.append("Chart: `table4.png` beside this file.")
+    lines.append(f"Chart: `{name}.png` beside this file.")
     return "\n".join(lines) + "\n"
 
 
@@ -747,7 +747,7 @@ def rerender(out: Path, name: str) -> int:
     data["targets"] = check_targets(data["summary"], cfg["flow_cap_frac"],
                                     cfg["connections_per_node"])
     write_json(path, data)
-    (out / f"{name}.md").write_text(render_md(data))
+    (out / f"{name}.md").write_text(render_md(data, name))
     chart(data, out / f"{name}.png")
     print((out / f"{name}.md").read_text())
     return 0
@@ -912,7 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / f"{a.name}.json", data)
-    (a.out / f"{a.name}.md").write_text(render_md(data))
+    (a.out / f"{a.name}.md").write_text(render_md(data, a.name))
     chart(data, a.out / f"{a.name}.png")
     print((a.out / f"{a.name}.md").read_text())
     return 1 if errors else 0

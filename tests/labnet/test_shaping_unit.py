@@ -15,8 +15,8 @@ from labnet.shaping import (
     parse_rate,
     perflow_bucket,
     perflow_bytecode,
-    segments_at_mtu,
     queue_limit,
+    segments_at_mtu,
 )
 
 
