@@ -110,9 +110,10 @@ def segments_at_mtu(rate_bps: int) -> bool:
 
 def gso_max_segs(dev: str, netns: str | None) -> int:
     """The device's gso_max_segs (65535 for a fresh veth)."""
-    argv = [_sys.IP] + (["-n", netns] if netns else []) + ["-d", "-j", "link", "show", "dev", dev]
+    ns = ["-n", netns] if netns else []
     try:
-        return int(json.loads(_sys.run(argv).stdout)[0]["gso_max_segs"])
+        return int(json.loads(_sys.ip(*ns, "-d", "-j", "link", "show", "dev", dev).stdout)[0]
+                   ["gso_max_segs"])
     except (ValueError, LookupError, TypeError) as exc:
         raise LabError(f"{dev}: cannot read gso_max_segs ({exc})") from None
 
@@ -120,9 +121,7 @@ def gso_max_segs(dev: str, netns: str | None) -> int:
 def set_gso_max_segs(dev: str, netns: str | None, segs: int, *, check: bool = True) -> None:
     """Limit the packets TCP builds for dev to segs segments (1 = MTU-sized). Sockets pick it up
     when they connect."""
-    argv = [_sys.IP] + (["-n", netns] if netns else []) + ["link", "set", "dev", dev,
-                                                           "gso_max_segs", str(segs)]
-    _sys.run(argv, check=check)
+    _sys.ip_batch([f"link set dev {dev} gso_max_segs {segs}"], netns=netns, check=check)
 
 
 @dataclass
