@@ -95,9 +95,10 @@ def summarize(flows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def send(targets: Sequence[tuple[str, int]], flows: int, seconds: float,
-         congestion: str | None = None) -> dict[str, Any]:
-    """Send zeros to every target on ``flows`` connections each for ``seconds``. ``congestion``
-    picks the TCP congestion control of these connections (e.g. ``cubic``; default: the host's)."""
+         congestion: str | None = None, nbytes: int | None = None) -> dict[str, Any]:
+    """Send zeros to every target on ``flows`` connections each for ``seconds``, or, with
+    ``nbytes``, exactly that many bytes on each connection. ``congestion`` picks the TCP
+    congestion control of these connections (e.g. ``cubic``; default: the host's)."""
     payload = b"\0" * CHUNK
     sent: list[int] = []
     lock = threading.Lock()
@@ -113,9 +114,10 @@ def send(targets: Sequence[tuple[str, int]], flows: int, seconds: float,
                 sock.connect((host, port))
                 sock.settimeout(seconds + 60)
                 end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    sock.sendall(payload)
-                    n += CHUNK
+                while n < nbytes if nbytes is not None else time.monotonic() < end:
+                    size = CHUNK if nbytes is None else min(CHUNK, nbytes - n)
+                    sock.sendall(payload[:size])
+                    n += size
                 sock.shutdown(socket.SHUT_WR)
                 sock.recv(1)  # wait for the receiver to close: everything was delivered
         except OSError as exc:
@@ -156,10 +158,12 @@ class Measurement:
 
 
 def measure(src: Host, dsts: Sequence[Host], *, seconds: float = 5.0, flows: int = 1,
-            port: int = 5201, congestion: str | None = None) -> Measurement:
-    """Send from src to every host of dsts (flows connections each) for about ``seconds``; the
-    receivers time the bytes. ``congestion`` sets the sender's TCP congestion control for these
-    connections (default: src's). Bounded: fails rather than hangs."""
+            port: int = 5201, congestion: str | None = None,
+            nbytes: int | None = None) -> Measurement:
+    """Send from src to every host of dsts (flows connections each) for about ``seconds``, or
+    ``nbytes`` bytes per connection; the receivers time the bytes. ``congestion`` sets the sender's
+    TCP congestion control for these connections (default: src's). Bounded: fails rather than
+    hangs."""
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
         for d in dsts:
@@ -176,6 +180,8 @@ def measure(src: Host, dsts: Sequence[Host], *, seconds: float = 5.0, flows: int
                 "--flows", str(flows), "--seconds", str(seconds)]
         if congestion:
             argv += ["--congestion", congestion]
+        if nbytes is not None:
+            argv += ["--bytes", str(nbytes)]
         cp = src.run(argv, timeout=seconds + 180)
         sender = json.loads(cp.stdout)
         if sender["errors"]:
@@ -204,10 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--port", type=int, default=5201)
     r.add_argument("--flows", type=int, default=1)
     r.add_argument("--timeout", type=float, default=30.0, help="accept/idle timeout, seconds")
-    s = sub.add_parser("send", help="send zeros on FLOWS connections per target for SECONDS")
+    s = sub.add_parser("send", help="send zeros on FLOWS connections per target for SECONDS "
+                                    "(or BYTES each)")
     s.add_argument("--to", required=True, help="ip:port[,ip:port...]")
     s.add_argument("--flows", type=int, default=1)
     s.add_argument("--seconds", type=float, default=5.0)
+    s.add_argument("--bytes", type=int, default=None, dest="nbytes",
+                   help="send exactly this many bytes per connection instead of for SECONDS")
     s.add_argument("--congestion", default=None,
                    help="TCP congestion control for these connections, e.g. cubic (default: the host's)")
     args = ap.parse_args(argv)
@@ -220,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for item in args.to.split(","):
             host, _, port = item.rpartition(":")
             targets.append((host, int(port)))
-        print(json.dumps(send(targets, args.flows, args.seconds, args.congestion)))
+        if args.nbytes is not None and args.nbytes < 0:
+            ap.error("--bytes must not be negative")
+        print(json.dumps(send(targets, args.flows, args.seconds, args.congestion, args.nbytes)))
     return 0
 
 

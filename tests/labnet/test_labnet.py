@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,39 @@ def test_shared_shaping_limits_the_access_link_fairly(lab: Lab) -> None:
     assert 1.4 < slow.total_mbps <= 2.05, slow.total_mbps     # ~1.96 measured
     lab.unshape(ws)
     assert measure(ws, [n1], seconds=1.5).total_mbps > 300
+
+
+def test_idle_peers_starting_together_cannot_burst_past_the_link(lab: Lab) -> None:
+    # Twenty connections start at once on a 2 Mbit/s link, each with a 10-segment initial window.
+    # Each leaf's own-rate bucket holds one frame, so what crosses the link in the first 250 ms is
+    # at most the link's rate and burst plus a frame per leaf (~108 KB). With 10-frame leaf
+    # buckets, all twenty initial windows (~300 KB, 1.9 x the link measured) left together.
+    ws, *peers = lab.add_hosts(["bw"] + [f"b{i}" for i in range(20)], sshd=False)
+    lab.shape(ws, "adsl", "shared", direction="up")
+    rx = Path(f"/sys/class/net/{ws.veth}/statistics/rx_bytes")   # what left the shaped eth0
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        for _ in range(2000):                                    # bounded: 2000 x 5 ms
+            samples.append((time.monotonic(), int(rx.read_text())))
+            if done.wait(0.005):
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    base = int(rx.read_text())
+    sampler.start()
+    try:
+        sent = measure(ws, peers, flows=1, nbytes=30_000)
+    finally:
+        done.set()
+        sampler.join(timeout=30)
+    assert sum(f["bytes"] for r in sent.receivers.values() for f in r["flows"]) == 20 * 30_000
+    # The data starts when the counter passes the handshakes (20 x 3 small frames).
+    start = next(t for t, b in samples if b - base > 20 * 3 * 100 + 2 * 1514)
+    early = max(b for t, b in samples if t <= start + 0.25) - base
+    bound = 2_000_000 // 8 * 0.25 + 15140 + 20 * 1514 + 8 * 1514   # + handshakes, sampling slack
+    assert early <= bound, (early, bound)
 
 
 def _tx_counters(host: Host) -> tuple[int, int]:

@@ -132,6 +132,10 @@ def test_rates_queues_and_commands() -> None:
     assert len(leaves) == 1 + 32 * 64
     assert sum(int(line.split(" rate ")[1].split("bit")[0]) for line in leaves) <= 2_000_000
     assert sum(" ceil 250000bit" in line for line in leaves) == 32 * 64
+    # A leaf's own-rate bucket holds one frame, so idle leaves cannot together burst past the
+    # link; the ceil buckets and the link class keep 10 frames (1 ms is less at these rates).
+    assert all(" burst 1514 cburst 15140 " in line for line in leaves)
+    assert " burst 15140 cburst 15140 " in perflow[1] and "classid 1:1 " in perflow[1]
     with pytest.raises(LabError, match="regime"):
         build_commands("eth0", key="dst", subnet=net, own_ip="10.213.77.10", rate_bps=1,
                        regime="fifo", flow_cap_bps=1, flow_slots=64, limit=1)
