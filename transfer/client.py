@@ -136,6 +136,14 @@ def client_ssl_context(ca_file: str, cert: str = "", key: str = "") -> ssl.SSLCo
     except (OSError, ssl.SSLError) as exc:
         raise TransferError(f"cannot load TLS files ({ca_file} {cert}): {exc}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No TLS 1.3 "middlebox compatibility mode" (RFC 8446 D.4): a fake 32-byte session id and a
+    # dummy ChangeCipherSpec, so that the handshake looks like TLS 1.2 resumption to middleboxes
+    # that inspect TLS without terminating it. The uploader verifies nodes against medstream's own
+    # CA and talks to them inside the site. The session id alone pushed the ClientHello past 256
+    # bytes, where OpenSSL pads it to 512 (SSL_OP_TLSEXT_PADDING, part of OP_ALL): 517 bytes, now
+    # 235, and 620 bytes from the client per handshake, now 332. At 30 connections on a 2 Mbit/s
+    # upload that is 35 ms less. TLS 1.2 nodes still work (the session id only matters in 1.3).
+    ctx.options &= ~ssl.OP_ENABLE_MIDDLEBOX_COMPAT
     return ctx
 
 
